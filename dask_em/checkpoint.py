@@ -1,0 +1,385 @@
+"""Checkpoints of a fit: atomic save, verified load, fingerprints and resume rules.
+
+Layout of a checkpoint directory::
+
+    DIR/manifest.json           the commit point: format, fingerprint, committed states (newest first)
+    DIR/state-000012/state.json the state's scalars and the SHA-256 of each array file
+    DIR/state-000012/*.npy      the arrays (NumPy format, loaded with allow_pickle=False)
+
+`Checkpoint.save` writes a new state under a temporary name, fsyncs it, renames it to
+``state-NNNNNN`` and then replaces ``manifest.json`` with ``os.replace``; a crash at any
+instant leaves the previous manifest and its states intact. The last `KEEP_STATES`
+committed states are kept, so a damaged newest state (truncated file, flipped bit: the
+checksums catch both) falls back to the one before. `Checkpoint.load` refuses a
+checkpoint made for other data or other hyper-parameters (`CheckpointMismatch`, naming
+the difference) and raises `CheckpointDamaged` when no committed state is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dask_em.em import EMResult, FitState
+from dask_em.errors import DataError
+from dask_em.params import GMMParams
+
+FORMAT = "dask-em-checkpoint"
+FORMAT_VERSION = 1
+KEEP_STATES = 3
+MANIFEST = "manifest.json"
+_PARAM_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
+
+
+class CheckpointMismatch(DataError):
+    """The checkpoint was made for other data or other hyper-parameters."""
+
+
+class CheckpointDamaged(DataError):
+    """No committed state of the checkpoint is intact."""
+
+
+def content_hash(*arrays: np.ndarray) -> str:
+    """SHA-256 (hex) of the bytes, shapes and dtypes of arrays."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A state read back from a checkpoint.
+
+    Attributes
+    ----------
+    state : FitState
+    n_passes : int
+        Passes over the data made up to this state.
+    sequence : int
+        The state's number in the directory.
+    skipped : list of str
+        Newer states found damaged and passed over, with the reason.
+    fingerprint : dict
+        What the checkpoint was made for.
+    """
+
+    state: FitState
+    n_passes: int
+    sequence: int
+    skipped: list[str]
+    fingerprint: dict[str, Any]
+
+
+class Checkpoint:
+    """A checkpoint directory bound to a fingerprint of the data and hyper-parameters.
+
+    Parameters
+    ----------
+    directory : str or path
+        Created on the first `save`.
+    fingerprint : dict
+        JSON-serializable description of what the fit depends on (see
+        `dask_em.estimator`); a checkpoint with another fingerprint is refused.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], fingerprint: dict[str, Any]) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
+        self._sequence: int | None = None
+
+    # ------------------------------------------------------------------- save
+    def save(self, state: FitState, n_passes: int) -> None:
+        """Write ``state`` as the newest committed state, atomically."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._sequence is None:
+            self._sequence = max(self._state_numbers(), default=0)
+        sequence = self._sequence + 1
+        tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "sequence": sequence,
+            "seeds": [int(s) for s in state.seeds],
+            "init_index": state.init_index,
+            "done": state.done,
+            "n_passes": int(n_passes),
+            "runs": {},
+            "files": {},
+        }
+        for role, run in (("current", state.current), ("best", state.best)):
+            if run is None:
+                continue
+            meta["runs"][role] = {
+                "n_iter": run.n_iter,
+                "converged": run.converged,
+                "lower_bound": run.lower_bound,
+                "lower_bounds": list(run.lower_bounds),
+                "covariance_type": run.params.covariance_type,
+            }
+            for name in _PARAM_ARRAYS:
+                fname = f"{role}_{name}.npy"
+                np.save(tmp / fname, np.asarray(getattr(run.params, name)), allow_pickle=False)
+                _fsync(tmp / fname)
+                meta["files"][fname] = _file_sha256(tmp / fname)
+        meta["checksum"] = content_hash(np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
+        _write_json(tmp / "state.json", meta)
+        final = self.directory / f"state-{sequence:06d}"
+        os.replace(tmp, final)
+        committed = [final.name, *self._committed_names()][:KEEP_STATES]
+        manifest_tmp = self.directory / f".{MANIFEST}.tmp-{uuid.uuid4().hex}"
+        _write_json(
+            manifest_tmp,
+            {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "states": committed},
+        )
+        os.replace(manifest_tmp, self.directory / MANIFEST)
+        _fsync(self.directory)
+        self._sequence = sequence
+        self._prune(committed)
+
+    def _state_numbers(self) -> list[int]:
+        numbers = []
+        for p in self.directory.glob("state-*"):
+            try:
+                numbers.append(int(p.name.split("-", 1)[1]))
+            except ValueError:
+                continue
+        return numbers
+
+    def _read_manifest(self) -> dict[str, Any] | None:
+        try:
+            with open(self.directory / MANIFEST) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("states"), list):
+            return None
+        return manifest
+
+    def _committed_names(self) -> list[str]:
+        manifest = self._read_manifest()
+        if manifest is None:  # damaged or missing manifest: every complete state counts
+            return [f"state-{n:06d}" for n in sorted(self._state_numbers(), reverse=True)]
+        return [str(s) for s in manifest["states"]]
+
+    def _prune(self, keep: list[str]) -> None:
+        for p in self.directory.iterdir():
+            if p.name.startswith((".tmp-", f".{MANIFEST}.tmp-")) or (
+                p.name.startswith("state-") and p.name not in keep
+            ):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------- load
+    def load(self, check_fingerprint: bool = True) -> Loaded | None:
+        """The newest intact committed state, or None for an empty or missing directory.
+
+        Parameters
+        ----------
+        check_fingerprint : bool, default True
+            Refuse a state whose fingerprint differs from this checkpoint's (False to
+            inspect any checkpoint, as ``dask-em info`` does).
+
+        Raises
+        ------
+        CheckpointMismatch
+            If the checkpoint was made for other data or hyper-parameters.
+        CheckpointDamaged
+            If it has committed states but none is intact, or an unknown format.
+        """
+        if not self.directory.exists():
+            return None
+        names = self._committed_names()
+        if not names:
+            if any(self.directory.iterdir()) and not (self.directory / MANIFEST).exists():
+                leftovers = [p.name for p in self.directory.iterdir() if not p.name.startswith(".")]
+                if leftovers:
+                    raise CheckpointDamaged(
+                        f"{self.directory} is not a dask-em checkpoint (it holds {leftovers[0]!r}); "
+                        "choose an empty or new --checkpoint-dir."
+                    )
+            return None
+        skipped: list[str] = []
+        for name in names:
+            try:
+                meta = self._verified_meta(self.directory / name)
+            except _Damaged as err:
+                skipped.append(f"{name}: {err}")
+                continue
+            if check_fingerprint:
+                self._check_fingerprint(meta["fingerprint"])
+            return Loaded(
+                self._state_from(self.directory / name, meta),
+                meta["n_passes"],
+                meta["sequence"],
+                skipped,
+                meta["fingerprint"],
+            )
+        raise CheckpointDamaged(
+            f"checkpoint {self.directory} is damaged and holds no intact state "
+            f"({'; '.join(skipped)}); rerun with --restart (Python: delete the directory) to start over."
+        )
+
+    def _verified_meta(self, path: Path) -> dict[str, Any]:
+        try:
+            with open(path / "state.json") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise _Damaged("state.json is missing") from None
+        except (OSError, ValueError):
+            raise _Damaged("state.json is unreadable") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise _Damaged("state.json is not a dask-em checkpoint state")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CheckpointDamaged(
+                f"checkpoint {self.directory} has format version {meta.get('format_version')!r}; "
+                f"this dask-em reads version {FORMAT_VERSION}: rerun with --restart."
+            )
+        claimed = meta.pop("checksum", None)
+        actual = content_hash(np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
+        if claimed != actual:
+            raise _Damaged("state.json fails its checksum")
+        for fname, digest in meta["files"].items():
+            if not (path / fname).exists():
+                raise _Damaged(f"{fname} is missing")
+            if _file_sha256(path / fname) != digest:
+                raise _Damaged(f"{fname} fails its checksum")
+        return meta
+
+    def _check_fingerprint(self, found: dict[str, Any]) -> None:
+        if found == self.fingerprint:
+            return
+        diffs = []
+        for key in sorted(set(found) | set(self.fingerprint)):
+            a, b = found.get(key), self.fingerprint.get(key)
+            if a != b:
+                if isinstance(a, dict) and isinstance(b, dict):
+                    diffs += [
+                        f"{key}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
+                        for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k)
+                    ]
+                else:
+                    diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+        raise CheckpointMismatch(
+            f"checkpoint {self.directory} was made for a different fit ({'; '.join(diffs)}); "
+            "use another --checkpoint-dir, or --restart to discard it."
+        )
+
+    @staticmethod
+    def _state_from(path: Path, meta: dict[str, Any]) -> FitState:
+        runs = {}
+        for role, info in meta["runs"].items():
+            arrays = [np.load(path / f"{role}_{name}.npy", allow_pickle=False) for name in _PARAM_ARRAYS]
+            runs[role] = EMResult(
+                GMMParams(*arrays, info["covariance_type"]),
+                int(info["n_iter"]),
+                bool(info["converged"]),
+                float(info["lower_bound"]),
+                [float(b) for b in info["lower_bounds"]],
+            )
+        return FitState(
+            tuple(int(s) for s in meta["seeds"]),
+            int(meta["init_index"]),
+            runs.get("current"),
+            runs.get("best"),
+            bool(meta["done"]),
+        )
+
+
+class _Damaged(Exception):
+    """One state failed verification (internal: load falls back to an older state)."""
+
+
+def discard(directory: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint directory's states and manifest (``--restart``).
+
+    Refuses (`CheckpointDamaged`) a non-empty directory that does not look like a
+    checkpoint, so a mistyped path never deletes unrelated files.
+    """
+    path = Path(directory)
+    if not path.exists():
+        return
+    entries = list(path.iterdir())
+    ours = [p for p in entries if p.name == MANIFEST or p.name.startswith(("state-", ".tmp-", f".{MANIFEST}.tmp-"))]
+    if len(ours) != len(entries):
+        other = next(p.name for p in entries if p not in ours)
+        raise CheckpointDamaged(
+            f"{path} holds {other!r}, which is not part of a dask-em checkpoint; "
+            "refusing to delete it: choose another --checkpoint-dir."
+        )
+    for p in ours:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def data_fingerprint(X: Any, sample_weight: Any = None, row_starts: list[int] | None = None) -> dict[str, Any]:
+    """What identifies a dataset cheaply: shape, dtype, row chunks and a hash of sampled rows.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n, D)
+    sample_weight : dask.array.Array of shape (n,), optional
+    row_starts : list of int, optional
+        First row of each chunk (computed from ``X.chunks`` when not given).
+
+    Returns
+    -------
+    dict
+        ``shape``, ``dtype``, ``row_chunks`` (a hash when there are many) and
+        ``content``: the hash of the first row of up to 16 evenly spaced chunks and of
+        the last row (and of their weights), read without a full pass.
+    """
+    chunks = [int(c) for c in X.chunks[0]]
+    starts = row_starts if row_starts is not None else [0, *np.cumsum(chunks)[:-1].tolist()]
+    picked = sorted({int(i) for i in np.linspace(0, len(chunks) - 1, min(16, len(chunks)))})
+    rows = np.array(sorted({*(starts[i] for i in picked), int(X.shape[0]) - 1}))
+    sampled = [np.asarray(X[rows].compute(), dtype=np.float64)]
+    if sample_weight is not None:
+        sampled.append(np.asarray(sample_weight[rows].compute(), dtype=np.float64))
+    return {
+        "shape": [int(s) for s in X.shape],
+        "dtype": str(X.dtype),
+        "row_chunks": chunks if len(chunks) <= 8 else f"{len(chunks)} chunks, sha256 {content_hash(np.array(chunks))[:16]}",
+        "content": content_hash(*sampled)[:16],
+        "sample_weight": sample_weight is not None,
+    }

@@ -1,0 +1,94 @@
+"""Getting a Dask ``distributed.Client``: an embedded local cluster, an address or a scheduler file.
+
+`connect` is a context manager that yields a client set as Dask's default scheduler
+for the duration, so the library's ``compute`` calls run on it, and closes what it
+started. Connection problems become one-line `dask_em.errors.DataError` messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dask_em.errors import DataError
+
+CONNECT_TIMEOUT = "20s"
+
+
+@contextmanager
+def connect(
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = None,
+    quiet: bool = False,
+) -> Iterator[object]:
+    """A ``distributed.Client`` for the duration of the ``with`` block.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler, e.g. ``tcp://10.0.0.5:8786``.
+    scheduler_file : str or path, optional
+        JSON file written by ``dask scheduler --scheduler-file``.
+    n_workers, threads_per_worker, memory_limit : optional
+        Shape of the embedded local cluster (worker processes) started when neither
+        ``scheduler`` nor ``scheduler_file`` is given. ``memory_limit`` is per worker,
+        e.g. ``'2GiB'``. Defaults: one worker per core pair, Dask's memory split.
+    quiet : bool
+        Do not print the dashboard address of a started local cluster.
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    DataError
+        If the scheduler cannot be reached or the scheduler file is missing.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None and scheduler_file is not None:
+        raise DataError("give either --scheduler or --scheduler-file, not both.")
+    if scheduler_file is not None and not os.path.exists(scheduler_file):
+        raise DataError(f"no such scheduler file: {os.fspath(scheduler_file)!r}; check the path.")
+    if scheduler is not None or scheduler_file is not None:
+        where = scheduler if scheduler is not None else os.fspath(scheduler_file)  # type: ignore[arg-type]
+        try:
+            client = Client(
+                address=scheduler,
+                scheduler_file=None if scheduler_file is None else os.fspath(scheduler_file),
+                timeout=CONNECT_TIMEOUT,
+                set_as_default=True,
+            )
+        except (OSError, TimeoutError, ValueError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise DataError(
+                f"cannot connect to the Dask scheduler at {where}: {reason}; check the address "
+                "and that the scheduler is running."
+            ) from None
+        with client:
+            yield client
+        return
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit if memory_limit is not None else "auto",
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    with cluster, Client(cluster, set_as_default=True) as client:
+        if not quiet:
+            workers = len(cluster.workers)
+            print(
+                f"local Dask cluster: {workers} worker process(es), dashboard {client.dashboard_link}",
+                file=sys.stderr,
+                flush=True,
+            )
+        yield client

@@ -1,0 +1,487 @@
+"""`GaussianMixture`: a scikit-learn compatible estimator over the functional core.
+
+Thin orchestration: input conversion and validation, `dask_em.init.initialize`,
+`dask_em.em.run_em` with one `dask_em.reduce.RowData.map_reduce` pass per iteration,
+``n_init`` restarts, and the fitted attributes. The Dask work runs on the active
+``distributed.Client`` if there is one, else on Dask's default scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from dask_em import __version__, kernels
+from dask_em.checkpoint import Checkpoint, content_hash, data_fingerprint
+from dask_em.em import EMResult, FitState, Iteration, fit_restarts
+from dask_em.errors import DataError
+from dask_em.init import INITIALIZERS, initialize
+from dask_em.io import check_data_shape_dtype, open_array, read_model, write_model
+from dask_em.params import (
+    COVARIANCE_TYPES,
+    GMMParams,
+    check_init_arrays,
+    n_parameters,
+)
+from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, map_rows
+
+_NUMPY_CHUNK_BYTES = 64 * 2**20  # row-chunk size when wrapping in-memory arrays
+
+
+def _is_out_of_core(X: Any) -> bool:
+    return isinstance(X, da.Array | zarr.Array | str | os.PathLike)
+
+
+class GaussianMixture(DensityMixin, BaseEstimator):
+    """Gaussian mixture fitted by map-reduce EM over chunked (Dask / Zarr) data.
+
+    Parameters are scikit-learn's ``GaussianMixture`` ones, plus ``checkpoint_dir``,
+    ``cache`` and ``split_every``.
+
+    Parameters
+    ----------
+    n_components : int, default 1
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}, default 'full'
+    tol : float, default 1e-3
+        Convergence threshold on the change of the mean log-likelihood.
+    reg_covar : float, default 1e-6
+        Added to the diagonal of every covariance.
+    max_iter : int, default 100
+    n_init : int, default 1
+        Number of initializations; the one with the best lower bound is kept.
+    init_params : {'kmeans', 'k-means++', 'random', 'random_from_data'}, default 'kmeans'
+    weights_init : array of shape (K,), optional
+    means_init : array of shape (K, D), optional
+    precisions_init : array, optional
+        Shape (K, D, D) full, (D, D) tied, (K, D) diag, (K,) spherical.
+    random_state : int, RandomState or None
+        Seeds every random draw; results do not depend on the number of workers.
+    warm_start : bool, default False
+        Continue from the fitted parameters on the next ``fit`` (``n_init`` is then 1).
+    verbose : int, default 0
+        1 prints each initialization; 2 also prints a line every ``verbose_interval``
+        iterations (iteration, lower bound, change, seconds), all on stderr.
+    verbose_interval : int, default 10
+    checkpoint_dir : str or path, optional
+        Directory where the state is saved atomically after the initialization and
+        every iteration. A later ``fit`` with the same data and hyper-parameters resumes
+        from it and ends with the same result as an uninterrupted fit; a checkpoint of
+        other data or hyper-parameters is refused (`dask_em.checkpoint.CheckpointMismatch`).
+        Delete the directory to start over. ``max_iter`` may differ on resume.
+    cache : {'auto', True, False}, default 'auto'
+        Persist the data in the cluster's memory during ``fit``: ``'auto'`` when it takes
+        less than half of the workers' total memory limit, ``True`` always, ``False``
+        never (every pass reads the source).
+    split_every : int, default 8
+        Maximum fan-in of the tree reduction of the per-chunk statistics.
+
+    Attributes
+    ----------
+    weights_ : ndarray of shape (K,)
+    means_ : ndarray of shape (K, D)
+    covariances_, precisions_, precisions_cholesky_ : ndarray
+    converged_ : bool
+    n_iter_ : int
+    lower_bound_ : float
+        Mean log-likelihood of the best initialization's last iteration.
+    lower_bounds_ : list of float
+        Lower bound of every iteration of the best initialization.
+    n_passes_ : int
+        Full passes over the data made by the last ``fit`` (initialization included).
+    n_features_in_ : int
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        random_state: Any = None,
+        warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        cache: bool | str = "auto",
+        split_every: int = DEFAULT_SPLIT_EVERY,
+    ) -> None:
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
+        self.checkpoint_dir = checkpoint_dir
+        self.cache = cache
+        self.split_every = split_every
+
+    # ------------------------------------------------------------------ checks
+    def _check_hyper_parameters(self) -> None:
+        def bad(name: str, rule: str) -> ValueError:
+            return ValueError(f"Invalid value for {name!r}: {getattr(self, name)!r}; {rule}.")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+        def is_real(v: Any) -> bool:
+            return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+        if not is_int(self.n_components) or self.n_components < 1:
+            raise bad("n_components", "use an integer >= 1")
+        if self.covariance_type not in COVARIANCE_TYPES:
+            raise bad("covariance_type", f"use one of {', '.join(COVARIANCE_TYPES)}")
+        if not is_real(self.tol) or not self.tol >= 0:
+            raise bad("tol", "use a number >= 0")
+        if not is_real(self.reg_covar) or not self.reg_covar >= 0:
+            raise bad("reg_covar", "use a number >= 0")
+        if not is_int(self.max_iter) or self.max_iter < 0:
+            raise bad("max_iter", "use an integer >= 0")
+        if not is_int(self.n_init) or self.n_init < 1:
+            raise bad("n_init", "use an integer >= 1")
+        if self.init_params not in INITIALIZERS:
+            raise bad("init_params", f"use one of {', '.join(INITIALIZERS)}")
+        if self.cache not in ("auto", True, False):
+            raise bad("cache", "use 'auto', True or False")
+        if not is_int(self.split_every) or self.split_every < 2:
+            raise bad("split_every", "use an integer >= 2")
+        if not is_int(self.verbose_interval) or self.verbose_interval < 1:
+            raise bad("verbose_interval", "use an integer >= 1")
+
+    def _as_dask(self, X: Any, *, reset: bool) -> da.Array:
+        """Validate any accepted input and return it as a row-chunked float Dask array."""
+        if isinstance(X, str | os.PathLike | zarr.Array | zarr.Group):
+            X = open_array(X)
+        if isinstance(X, da.Array):
+            if any(np.isnan(c) for c in X.shape):
+                raise DataError("X has unknown chunk sizes; call X.compute_chunk_sizes() first.")
+            check_data_shape_dtype(X.shape, X.dtype, "X")
+            if X.dtype not in (np.float32, np.float64):
+                X = X.astype(np.float64)
+            self._check_n_features(X.shape[1], reset=reset)
+            return X
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=reset, ensure_min_samples=1)
+        rows = max(1, _NUMPY_CHUNK_BYTES // (X.shape[1] * X.itemsize))
+        return da.from_array(X, chunks=(rows, -1))
+
+    def _check_n_features(self, n_features: int, *, reset: bool) -> None:
+        if reset:
+            self.n_features_in_ = int(n_features)
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        elif n_features != self.n_features_in_:
+            raise ValueError(
+                f"X has {n_features} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
+
+    def _as_sample_weight(self, sample_weight: Any, X: da.Array) -> da.Array | None:
+        if sample_weight is None:
+            return None
+        if isinstance(sample_weight, da.Array):
+            w = sample_weight.astype(np.float64)
+        else:
+            w = np.asarray(sample_weight, dtype=np.float64)
+            if w.ndim == 0:
+                w = np.full(X.shape[0], float(w))
+            if w.ndim == 1 and not np.all(np.isfinite(w)):
+                raise ValueError("sample_weight contains NaN or infinite values; pass finite weights.")
+            if w.ndim == 1 and np.any(w < 0):
+                raise ValueError("sample_weight has negative values; weights must be >= 0.")
+            if w.ndim == 1 and w.sum() <= 0:
+                raise ValueError("sample_weight sums to zero; at least one row needs a positive weight.")
+        if w.ndim != 1 or w.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"sample_weight.shape == {tuple(w.shape)}, expected ({X.shape[0]},): "
+                "one weight per row."
+            )
+        if isinstance(w, np.ndarray):
+            w = da.from_array(w, chunks=(X.chunks[0],))
+        return w
+
+    # ----------------------------------------------------------------- fitting
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> GaussianMixture:
+        """Estimate the parameters with EM, keeping the best of ``n_init`` initializations.
+
+        Parameters
+        ----------
+        X : array-like, dask.array.Array, zarr.Array or str of shape (n_samples, n_features)
+            Data; a str is the path or URL of a Zarr array.
+        y : ignored
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weight of each row (multiplies its responsibilities).
+
+        Returns
+        -------
+        self
+        """
+        self._check_hyper_parameters()
+        Xd = self._as_dask(X, reset=True)
+        n_samples, n_features = Xd.shape
+        if n_samples < 2:
+            raise ValueError(
+                f"Found array with {n_samples} sample(s) (shape={Xd.shape}) while a minimum "
+                "of 2 is required by GaussianMixture."
+            )
+        if n_samples < self.n_components:
+            raise ValueError(
+                f"Expected n_samples >= n_components but got n_components = "
+                f"{self.n_components}, n_samples = {n_samples}"
+            )
+        inits = check_init_arrays(
+            self.weights_init, self.means_init, self.precisions_init,
+            self.n_components, n_features, self.covariance_type,
+        )
+        data = RowData(Xd, self._as_sample_weight(sample_weight, Xd), self.split_every)
+        checkpoint = self._checkpoint(data, inits)
+        data = data.persisted(self.cache)
+
+        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        loaded = checkpoint.load() if checkpoint is not None else None
+        if loaded is not None:
+            state, passes_before = loaded.state, loaded.n_passes
+            for reason in loaded.skipped:
+                warnings.warn(f"checkpoint state {reason}; resuming from an older state", stacklevel=2)
+            if self.verbose >= 1:
+                where = "finished fit" if state.done else f"initialization {state.init_index}"
+                n_iter = state.current.n_iter if state.current is not None else 0
+                print(f"Resuming {where} at iteration {n_iter} from {self.checkpoint_dir}", file=sys.stderr)
+        else:
+            random_state = check_random_state(self.random_state)
+            n_init = self.n_init if do_init else 1
+            seeds = tuple(int(random_state.randint(np.iinfo(np.int32).max)) for _ in range(n_init))
+            state, passes_before = FitState(seeds), 0
+            if not do_init:
+                state = FitState(seeds, 0, EMResult(self._params(), lower_bound=self.lower_bound_))
+
+        def start(seed: int) -> EMResult:
+            if self.verbose >= 1:
+                print(f"Initialization with seed {seed}", file=sys.stderr)
+            params = initialize(
+                data, self.n_components, self.covariance_type, self.reg_covar,
+                self.init_params, seed, *inits,
+            )
+            return EMResult(params)
+
+        def save(fit_state: FitState) -> None:
+            if checkpoint is not None:
+                checkpoint.save(fit_state, passes_before + data.n_passes)
+
+        best = fit_restarts(
+            lambda p: data.map_reduce(kernels.em_chunk, p),
+            start,
+            state,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            reg_covar=self.reg_covar,
+            on_iteration=self._report if self.verbose >= 2 else None,
+            on_state=save,
+        )
+        self._set_fitted(best.params)
+        self.converged_ = bool(best.converged)
+        self.n_iter_ = int(best.n_iter)
+        self.lower_bound_ = float(best.lower_bound)
+        self.lower_bounds_ = list(best.lower_bounds)
+        self.n_passes_ = int(passes_before + data.n_passes)
+        if not self.converged_ and self.max_iter > 0:
+            warnings.warn(
+                "Best performing initialization did not converge. Try different init "
+                "parameters, or increase max_iter, tol, or check for degenerate data.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _checkpoint(self, data: RowData, inits: tuple[Any, Any, Any]) -> Checkpoint | None:
+        """The checkpoint of this fit, bound to the data and the hyper-parameters that shape it."""
+        if self.checkpoint_dir is None:
+            return None
+        hyper = {
+            "n_components": self.n_components,
+            "covariance_type": self.covariance_type,
+            "tol": float(self.tol),
+            "reg_covar": float(self.reg_covar),
+            "n_init": self.n_init,
+            "init_params": self.init_params,
+            "random_state": self.random_state if isinstance(self.random_state, int) else None,
+            "split_every": self.split_every,
+            "weights_init": None if inits[0] is None else content_hash(inits[0])[:16],
+            "means_init": None if inits[1] is None else content_hash(inits[1])[:16],
+            "precisions_init": None if inits[2] is None else content_hash(inits[2])[:16],
+        }
+        fingerprint = {
+            "data": data_fingerprint(data.X, data.sample_weight, data.row_starts),
+            "hyper_parameters": hyper,
+        }
+        return Checkpoint(self.checkpoint_dir, fingerprint)
+
+    def _report(self, it: Iteration) -> None:
+        if it.n_iter % self.verbose_interval == 0 or it.converged or it.n_iter == self.max_iter:
+            print(
+                f"iteration {it.n_iter:4d}  lower bound {it.lower_bound: .10g}  "
+                f"change {it.change: .3e}  {it.seconds:.2f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
+        """Fit, then return the most probable component of each row (a final E-step)."""
+        return self.fit(X, sample_weight=sample_weight).predict(X)
+
+    def _set_fitted(self, params: GMMParams) -> None:
+        self.weights_ = np.array(params.weights)
+        self.means_ = np.array(params.means)
+        self.covariances_ = np.array(params.covariances)
+        self.precisions_cholesky_ = np.array(params.precisions_cholesky)
+        self.precisions_ = np.array(params.precisions)
+
+    def _params(self) -> GMMParams:
+        """The fitted parameters as a `GMMParams`."""
+        check_is_fitted(self)
+        return GMMParams(
+            self.weights_, self.means_, self.covariances_, self.precisions_cholesky_, self.covariance_type
+        )
+
+    # -------------------------------------------------------------- inference
+    def _evaluate(self, X: Any, block_fn: Any, dtype: Any, n_cols: int | None = None) -> Any:
+        params = self._params()
+        if _is_out_of_core(X):
+            return map_rows(self._as_dask(X, reset=False), block_fn, params, dtype, n_cols)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return block_fn(X, params)
+
+    def score_samples(self, X: Any) -> Any:
+        """Log-likelihood ``log p(x)`` of each row: shape (n_samples,) (lazy for Dask/Zarr input)."""
+        return self._evaluate(X, kernels.score_samples_block, np.float64)
+
+    def predict(self, X: Any) -> Any:
+        """Most probable component of each row: shape (n_samples,) (lazy for Dask/Zarr input)."""
+        return self._evaluate(X, kernels.predict_block, np.int64)
+
+    def predict_proba(self, X: Any) -> Any:
+        """Responsibilities: shape (n_samples, K) (lazy for Dask/Zarr input)."""
+        return self._evaluate(X, kernels.predict_proba_block, np.float64, self.n_components)
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Mean log-likelihood per row (computed, also for Dask/Zarr input)."""
+        return float(np.asarray(self.score_samples(X).mean()))
+
+    def _n_parameters(self) -> int:
+        return n_parameters(self.n_components, self.means_.shape[1], self.covariance_type)
+
+    def bic(self, X: Any) -> float:
+        """Bayesian information criterion on ``X`` (lower is better)."""
+        n = self._n_rows(X)
+        return -2 * self.score(X) * n + self._n_parameters() * np.log(n)
+
+    def aic(self, X: Any) -> float:
+        """Akaike information criterion on ``X`` (lower is better)."""
+        return -2 * self.score(X) * self._n_rows(X) + 2 * self._n_parameters()
+
+    def _n_rows(self, X: Any) -> int:
+        if _is_out_of_core(X):
+            return int(self._as_dask(X, reset=False).shape[0])
+        return int(np.shape(X)[0])
+
+    def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``n_samples`` rows from the fitted mixture (scikit-learn's algorithm and stream).
+
+        Returns
+        -------
+        X : ndarray of shape (n_samples, D)
+        y : ndarray of shape (n_samples,)
+            Component of each row.
+        """
+        check_is_fitted(self)
+        if n_samples < 1:
+            raise ValueError(
+                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
+                "least one sample."
+            )
+        _, n_features = self.means_.shape
+        rng = check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, self.weights_)
+        if self.covariance_type == "full":
+            parts = [
+                rng.multivariate_normal(mean, cov, int(c))
+                for mean, cov, c in zip(self.means_, self.covariances_, counts, strict=True)
+            ]
+        elif self.covariance_type == "tied":
+            parts = [
+                rng.multivariate_normal(mean, self.covariances_, int(c))
+                for mean, c in zip(self.means_, counts, strict=True)
+            ]
+        else:
+            parts = [
+                mean + rng.standard_normal(size=(c, n_features)) * np.sqrt(cov)
+                for mean, cov, c in zip(self.means_, self.covariances_, counts, strict=True)
+            ]
+        labels = np.concatenate([np.full(c, j, dtype=int) for j, c in enumerate(counts)])
+        return np.vstack(parts), labels
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fitted model as a Zarr group (no pickle); see `load_model`."""
+        params = self._params()
+        hyper = {
+            k: v for k, v in self.get_params().items()
+            if isinstance(v, bool | int | float | str) or v is None
+        }
+        if not isinstance(self.random_state, int | type(None)):
+            hyper["random_state"] = None
+        write_model(
+            path,
+            params,
+            {
+                "hyper_parameters": hyper,
+                "n_iter": self.n_iter_,
+                "converged": self.converged_,
+                "lower_bound": self.lower_bound_,
+                "lower_bounds": [float(b) for b in self.lower_bounds_],
+                "n_passes": self.n_passes_,
+                "dask_em_version": __version__,
+            },
+        )
+
+
+def load_model(path: str | os.PathLike[str]) -> GaussianMixture:
+    """Read a model written by `GaussianMixture.save` into a fitted `GaussianMixture`."""
+    params, attrs = read_model(path)
+    known = GaussianMixture().get_params()
+    hyper = {k: v for k, v in attrs.get("hyper_parameters", {}).items() if k in known}
+    hyper["covariance_type"] = params.covariance_type
+    hyper["n_components"] = params.n_components
+    gm = GaussianMixture(**hyper)
+    gm._set_fitted(params)
+    gm.n_features_in_ = params.n_features
+    gm.converged_ = bool(attrs.get("converged", False))
+    gm.n_iter_ = int(attrs.get("n_iter", 0))
+    bound = attrs.get("lower_bound")
+    gm.lower_bound_ = float("-inf") if bound is None else float(bound)
+    gm.lower_bounds_ = [float(b) for b in attrs.get("lower_bounds", [])]
+    gm.n_passes_ = int(attrs.get("n_passes", 0))
+    return gm

@@ -1,0 +1,216 @@
+"""Initial parameters of a mixture: a registry of initializers over `RowData`.
+
+========================  =======================================================  ==========
+``init_params``           what it does                                             passes
+========================  =======================================================  ==========
+``'kmeans'``              k-means‖ seeding (``KMEANS_ROUNDS`` rounds of ``2K``     ≤ 3 + 3
+                          rows sampled by squared distance), weighted k-means on
+                          the candidates in memory, then up to ``LLOYD_PASSES``
+                          Lloyd passes over the data; parameters from the final
+                          hard assignment (as scikit-learn's ``'kmeans'``)
+``'k-means++'``           k-means++ seeds (one pass per seed); means at the        K
+                          seeds, covariances ``reg_covar * I``
+``'random'``              uniformly random responsibilities per row                1
+``'random_from_data'``    means at ``K`` distinct random rows, covariances         0
+                          ``reg_covar * I``
+========================  =======================================================  ==========
+
+Every random draw comes from generators seeded by ``(seed, purpose, chunk index)``, so
+the result does not depend on the number of workers or on timing. Weights are always
+normalized to sum to one (scikit-learn leaves them at ``1/n`` each for
+``'k-means++'``/``'random_from_data'``, which only shifts the first lower bound).
+User-given ``weights_init``, ``means_init`` and ``precisions_init`` replace what the
+method found, as in scikit-learn; when all three are given no pass is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from dask_em import kernels
+from dask_em.params import GMMParams, covariance_shape
+from dask_em.reduce import RowData
+from dask_em.stats import SuffStats, m_step
+
+KMEANS_ROUNDS = 2
+LLOYD_PASSES = 3
+LLOYD_TOL = 1e-4
+_LOCAL_LLOYD_ITER = 50
+
+
+def _scaled_identity(covariance_type: str, n_components: int, n_features: int, value: float) -> np.ndarray:
+    """Covariances equal to ``value * I`` for every component."""
+    shape = covariance_shape(covariance_type, n_components, n_features)
+    if covariance_type in ("full", "tied"):
+        return np.broadcast_to(np.eye(n_features) * value, shape).copy()
+    return np.full(shape, value, dtype=np.float64)
+
+
+def _at_points(points: np.ndarray, covariance_type: str, reg_covar: float) -> GMMParams:
+    """Equal weights, means at ``points`` (K, D), covariances ``reg_covar * I``."""
+    n_components, n_features = points.shape
+    return GMMParams.from_covariances(
+        np.full(n_components, 1.0 / n_components),
+        points,
+        _scaled_identity(covariance_type, n_components, n_features, reg_covar),
+        covariance_type,
+    )
+
+
+def _weighted_kmeans(
+    points: np.ndarray, weights: np.ndarray, n_clusters: int, rng: np.random.Generator
+) -> np.ndarray:
+    """k-means++ then Lloyd on a small weighted point set held in memory.
+
+    Parameters
+    ----------
+    points : ndarray of shape (m, D)
+    weights : ndarray of shape (m,)
+    n_clusters : int
+
+    Returns
+    -------
+    centers : ndarray of shape (n_clusters, D)
+    """
+    m = points.shape[0]
+    p = weights / weights.sum() if weights.sum() > 0 else np.full(m, 1.0 / m)
+    centers = [points[rng.choice(m, p=p)]]
+    for _ in range(1, n_clusters):
+        d2, _ = kernels.min_sq_distances(points, np.asarray(centers))
+        score = weights * d2
+        if score.sum() > 0:
+            centers.append(points[rng.choice(m, p=score / score.sum())])
+        else:  # fewer distinct points than clusters: repeat one
+            centers.append(points[rng.choice(m, p=p)])
+    c = np.asarray(centers)
+    for _ in range(_LOCAL_LLOYD_ITER):
+        _, label = kernels.min_sq_distances(points, c)
+        mass = np.bincount(label, weights=weights, minlength=n_clusters)
+        sums = np.zeros_like(c)
+        np.add.at(sums, label, points * weights[:, None])
+        new = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], c)
+        if np.allclose(new, c, rtol=0, atol=0):
+            break
+        c = new
+    return c
+
+
+def _centers_moved(old: np.ndarray, new: np.ndarray, scale: float) -> bool:
+    return bool(np.max(np.abs(new - old)) > LLOYD_TOL * scale)
+
+
+def init_kmeans(
+    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> GMMParams:
+    """k-means‖ seeding and a few Lloyd passes; parameters of the final hard assignment."""
+    n_samples, _ = data.shape
+    rng = kernels.chunk_rng(seed, 0)
+    centers = data.read_rows(rng.integers(n_samples, size=1))
+    for round_ in range(KMEANS_ROUNDS):
+        sample = data.map_reduce(
+            kernels.sample_by_distance_chunk, centers, 2 * n_components, seed, round_
+        )
+        centers = np.vstack([centers, sample.rows])
+    counts = data.map_reduce(kernels.closest_count_chunk, centers)
+    centers = _weighted_kmeans(centers, counts, n_components, rng)
+    scale = max(float(np.ptp(centers)), 1.0) if centers.size else 1.0
+    for _ in range(LLOYD_PASSES):
+        shift = centers
+        stats: SuffStats = data.map_reduce(kernels.hard_assign_chunk, shift, covariance_type)
+        filled = stats.n[:, None] > 0
+        centers = shift + np.where(filled, stats.s1 / np.where(filled, stats.n[:, None], 1.0), 0.0)
+        if not _centers_moved(shift, centers, scale):
+            break
+    return m_step(stats, shift, reg_covar, covariance_type)
+
+
+def init_kmeans_plusplus(
+    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> GMMParams:
+    """k-means++ seeds (first one by sample weight, then by squared distance)."""
+    n_features = data.shape[1]
+    seeds = np.empty((0, n_features))
+    for k in range(n_components):
+        sample = data.map_reduce(kernels.sample_by_distance_chunk, seeds, 1, seed, 100 + k)
+        if sample.rows.shape[0] == 0:  # every row already is a seed: repeat the last one
+            seeds = np.vstack([seeds, seeds[-1:]])
+        else:
+            seeds = np.vstack([seeds, sample.rows])
+    return _at_points(seeds, covariance_type, reg_covar)
+
+
+def init_random(
+    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> GMMParams:
+    """Uniformly random responsibilities, normalized per row (one pass)."""
+    shift = np.repeat(data.read_rows(np.array([0])), n_components, axis=0)
+    stats = data.map_reduce(
+        kernels.random_resp_chunk, seed, n_components, shift, covariance_type
+    )
+    return m_step(stats, shift, reg_covar, covariance_type)
+
+
+def init_random_from_data(
+    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> GMMParams:
+    """Means at ``K`` distinct random rows (no pass: only those rows are read)."""
+    rng = kernels.chunk_rng(seed, 0)
+    index = rng.choice(data.shape[0], size=n_components, replace=False)
+    return _at_points(data.read_rows(index), covariance_type, reg_covar)
+
+
+INITIALIZERS: dict[str, Callable[[RowData, int, str, float, int], GMMParams]] = {
+    "kmeans": init_kmeans,
+    "k-means++": init_kmeans_plusplus,
+    "random": init_random,
+    "random_from_data": init_random_from_data,
+}
+
+
+def initialize(
+    data: RowData,
+    n_components: int,
+    covariance_type: str,
+    reg_covar: float,
+    init_params: str,
+    seed: int,
+    weights_init: np.ndarray | None = None,
+    means_init: np.ndarray | None = None,
+    precisions_init: np.ndarray | None = None,
+) -> GMMParams:
+    """Initial parameters: the method's, with user-given arrays taking precedence.
+
+    Parameters
+    ----------
+    data : RowData
+    n_components : int
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    reg_covar : float
+    init_params : str
+        A key of `INITIALIZERS`.
+    seed : int
+        Non-negative seed of every random draw.
+    weights_init : ndarray of shape (K,), optional
+    means_init : ndarray of shape (K, D), optional
+    precisions_init : ndarray, shape from `dask_em.params.covariance_shape`, optional
+        Validated beforehand (`dask_em.params.check_init_arrays`).
+
+    Returns
+    -------
+    GMMParams
+    """
+    given = (weights_init, means_init, precisions_init)
+    if all(a is not None for a in given):
+        return GMMParams.from_precisions(weights_init, means_init, precisions_init, covariance_type)
+    if init_params not in INITIALIZERS:
+        raise ValueError(
+            f"Invalid init_params {init_params!r}: use one of {', '.join(INITIALIZERS)}."
+        )
+    found = INITIALIZERS[init_params](data, n_components, covariance_type, reg_covar, seed)
+    weights = found.weights if weights_init is None else weights_init
+    means = found.means if means_init is None else means_init
+    if precisions_init is not None:
+        return GMMParams.from_precisions(weights, means, precisions_init, covariance_type)
+    return GMMParams(weights, means, found.covariances, found.precisions_cholesky, covariance_type)

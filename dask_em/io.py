@@ -1,0 +1,257 @@
+"""Zarr input and output: opening data arrays with clear errors, reading and writing models.
+
+Data arrays are opened lazily as Dask arrays chunked like the store along rows, with all
+features in one chunk. Models are Zarr groups with the arrays ``weights``, ``means``,
+``covariances`` and ``precisions_cholesky`` and JSON attributes; nothing is pickled.
+A model is written under a temporary name beside its destination and renamed into
+place when complete, so a crash never leaves a half-written model under the final name.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from dask_em.errors import DataError
+from dask_em.params import COVARIANCE_TYPES, GMMParams, covariance_shape
+from dask_em.reduce import as_row_chunked
+
+MODEL_FORMAT = "dask-em-model"
+MODEL_FORMAT_VERSION = 1
+_MODEL_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
+
+
+def _describe(source: Any) -> str:
+    return str(source) if isinstance(source, str | os.PathLike) else type(source).__name__
+
+
+def open_array(source: str | os.PathLike[str] | zarr.Array | zarr.Group, array: str | None = None) -> da.Array:
+    """Open a 2-D numeric Zarr array as a lazy Dask array.
+
+    Parameters
+    ----------
+    source : str, path, zarr.Array or zarr.Group
+        A local path or fsspec URL of a Zarr array, or of a group holding one.
+    array : str, optional
+        Name of the array inside a group.
+
+    Returns
+    -------
+    dask.array.Array of shape (n, D)
+        Chunked like the store along rows, features in one chunk.
+
+    Raises
+    ------
+    DataError
+        Missing path, not a Zarr array, a group without ``array``, or an array that is
+        not 2-D numeric with at least one row; the message says what to change.
+    """
+    node: Any = source
+    if isinstance(source, str | os.PathLike):
+        location = os.fspath(source)
+        if "://" not in location and not os.path.exists(location):
+            raise DataError(f"no such file or directory: {location!r}; check the data path.")
+        try:
+            node = zarr.open(location, mode="r")
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise DataError(
+                f"{location!r} is not a Zarr array or group ({type(err).__name__}); "
+                "pass the path of a Zarr store."
+            ) from None
+    if isinstance(node, zarr.Group):
+        names = sorted(node.array_keys())
+        if array is None:
+            listing = ", ".join(names) if names else "none"
+            raise DataError(
+                f"{_describe(source)!r} is a Zarr group; name the array to use with "
+                f"--array NAME (arrays in it: {listing})."
+            )
+        if array not in names:
+            raise DataError(
+                f"no array {array!r} in the Zarr group {_describe(source)!r}; "
+                f"arrays in it: {', '.join(names) or 'none'}."
+            )
+        node = node[array]
+    elif array is not None and isinstance(source, str | os.PathLike):
+        raise DataError(f"{_describe(source)!r} is a Zarr array, not a group; drop --array.")
+    if not isinstance(node, zarr.Array):
+        raise DataError(f"{_describe(source)!r} is not a Zarr array; pass the path of a Zarr array.")
+    check_data_shape_dtype(node.shape, node.dtype, _describe(source))
+    return as_row_chunked(da.from_zarr(node))
+
+
+def check_data_shape_dtype(shape: tuple[int, ...], dtype: Any, name: str = "data") -> None:
+    """Raise DataError unless ``shape`` is (n >= 1, D >= 1) and ``dtype`` is real numeric."""
+    if len(shape) != 2:
+        raise DataError(
+            f"{name} has {len(shape)} dimension(s) {tuple(shape)}; expected a 2-D array "
+            "(n_samples, n_features): reshape it."
+        )
+    kind = getattr(np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype, "kind", "O")
+    if kind not in "fiu":
+        raise DataError(
+            f"{name} has dtype {dtype}, which is not a real numeric type; "
+            "store the data as float32 or float64."
+        )
+    if shape[0] < 1 or shape[1] < 1:
+        raise DataError(f"{name} has shape {tuple(shape)}; it needs at least one row and one feature.")
+
+
+def _is_dask_em_output(path: Path) -> bool:
+    try:
+        attrs = zarr.open(str(path), mode="r").attrs
+    except Exception:  # anything unreadable is not ours
+        return False
+    return attrs.get("format") == MODEL_FORMAT or "dask_em_output" in attrs
+
+
+def _check_replaceable(dest: Path) -> None:
+    """Raise DataError if ``dest`` exists and is not a dask-em model or output."""
+    if dest.exists() and not _is_dask_em_output(dest):
+        raise DataError(
+            f"{os.fspath(dest)!r} exists and was not written by dask-em; refusing to "
+            "overwrite it: choose another output path."
+        )
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Move the complete ``tmp`` to ``dest``, replacing an earlier dask-em output there."""
+    _check_replaceable(dest)
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _tmp_beside(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+
+
+def store_array(
+    X: da.Array, path: str | os.PathLike[str], attrs: dict[str, Any] | None = None
+) -> None:
+    """Compute a lazy array chunk by chunk into a Zarr array, published atomically.
+
+    Written under a temporary name beside ``path`` and renamed into place when every
+    chunk is written, so no half-written array ever appears under ``path``.
+
+    Parameters
+    ----------
+    X : dask.array.Array
+        Chunks must be regular (equal but the last) along each axis.
+    path : str or path
+    attrs : dict, optional
+        JSON attributes; ``dask_em_output`` is always added.
+    """
+    dest = Path(path)
+    _check_replaceable(dest)
+    tmp = _tmp_beside(dest)
+    try:
+        da.to_zarr(X, str(tmp), compute=True)
+        group_attrs = zarr.open_array(str(tmp), mode="r+").attrs
+        group_attrs.update({"dask_em_output": True, **(attrs or {})})
+        _publish(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def write_model(path: str | os.PathLike[str], params: GMMParams, attrs: dict[str, Any]) -> None:
+    """Write a model as a Zarr group, atomically (temporary name, then rename).
+
+    Parameters
+    ----------
+    path : str or path
+        Destination directory; replaced if it exists.
+    params : GMMParams
+    attrs : dict
+        JSON-serializable attributes (non-finite floats are stored as null).
+    """
+    dest = Path(path)
+    _check_replaceable(dest)
+    tmp = _tmp_beside(dest)
+    try:
+        group = zarr.open_group(str(tmp), mode="w")
+        for name in _MODEL_ARRAYS:
+            group.create_array(name, data=np.asarray(getattr(params, name), dtype=np.float64))
+        clean = {
+            k: (_json_float(v) if isinstance(v, float) else v) for k, v in attrs.items()
+        }
+        group.attrs.update(
+            {
+                "format": MODEL_FORMAT,
+                "format_version": MODEL_FORMAT_VERSION,
+                "covariance_type": params.covariance_type,
+                "n_components": params.n_components,
+                "n_features": params.n_features,
+                **clean,
+            }
+        )
+        _publish(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]:
+    """Read a model written by `write_model`.
+
+    Returns
+    -------
+    params : GMMParams
+    attrs : dict
+
+    Raises
+    ------
+    DataError
+        If ``path`` is not a dask-em model of a known format version, or its arrays
+        are inconsistent.
+    """
+    location = os.fspath(path)
+    if not os.path.exists(location):
+        raise DataError(f"no such model: {location!r}; check the model path.")
+    try:
+        group = zarr.open_group(location, mode="r")
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{location!r} is not a dask-em model ({type(err).__name__}).") from None
+    attrs = dict(group.attrs)
+    if attrs.get("format") != MODEL_FORMAT:
+        raise DataError(f"{location!r} is not a dask-em model (no 'format: {MODEL_FORMAT}' attribute).")
+    if attrs.get("format_version") != MODEL_FORMAT_VERSION:
+        raise DataError(
+            f"{location!r} has model format version {attrs.get('format_version')!r}; this "
+            f"dask-em reads version {MODEL_FORMAT_VERSION}: upgrade dask-em or refit."
+        )
+    cov_type = attrs.get("covariance_type")
+    if cov_type not in COVARIANCE_TYPES:
+        raise DataError(f"{location!r} has an unknown covariance_type {cov_type!r}.")
+    arrays = {}
+    for name in _MODEL_ARRAYS:
+        if name not in group.array_keys():
+            raise DataError(f"{location!r} lacks the array {name!r}; the model is incomplete.")
+        arrays[name] = np.asarray(group[name][...], dtype=np.float64)
+    k, d = arrays["means"].shape
+    expected = covariance_shape(cov_type, k, d)
+    if arrays["weights"].shape != (k,) or arrays["covariances"].shape != expected or (
+        arrays["precisions_cholesky"].shape != expected
+    ):
+        raise DataError(f"{location!r} has arrays of inconsistent shapes; the model is damaged.")
+    params = GMMParams(
+        arrays["weights"], arrays["means"], arrays["covariances"], arrays["precisions_cholesky"], cov_type
+    )
+    return params, attrs

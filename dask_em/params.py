@@ -1,0 +1,320 @@
+"""Gaussian-mixture parameters: the `GMMParams` value, its validation and conversions.
+
+Owns the four covariance parametrizations (``full``, ``tied``, ``diag``, ``spherical``)
+and the conversions between covariances, precisions and precision Cholesky factors,
+following scikit-learn's conventions exactly: the precision Cholesky factor ``U`` of a
+covariance ``S`` is upper triangular with ``inv(S) = U @ U.T``.
+
+Shapes, for ``K`` components and ``D`` features:
+
+=============  ==============  ==================================
+type           covariances     precisions_cholesky
+=============  ==============  ==================================
+``full``       ``(K, D, D)``   ``(K, D, D)``
+``tied``       ``(D, D)``      ``(D, D)``
+``diag``       ``(K, D)``      ``(K, D)``
+``spherical``  ``(K,)``        ``(K,)``
+=============  ==============  ==================================
+
+No Dask here: everything is small NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+
+COVARIANCE_TYPES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
+
+ILL_DEFINED_COVARIANCE = (
+    "Fitting the mixture model failed because some components have ill-defined "
+    "empirical covariance (for instance caused by singleton or collapsed samples). "
+    "Try to decrease the number of components, increase reg_covar, or scale the "
+    "input data. The numerical accuracy can also be improved by passing float64 "
+    "data instead of float32."
+)
+
+
+def check_covariance_type(covariance_type: str) -> str:
+    """Return ``covariance_type`` if it is one of `COVARIANCE_TYPES`, else raise ValueError."""
+    if covariance_type not in COVARIANCE_TYPES:
+        raise ValueError(
+            f"Invalid covariance_type {covariance_type!r}: use one of {', '.join(COVARIANCE_TYPES)}."
+        )
+    return covariance_type
+
+
+def covariance_shape(covariance_type: str, n_components: int, n_features: int) -> tuple[int, ...]:
+    """Shape of the covariances (and precisions) array for a covariance type."""
+    return {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components,),
+    }[check_covariance_type(covariance_type)]
+
+
+def _flipudlr(a: np.ndarray) -> np.ndarray:
+    return np.flipud(np.fliplr(a))
+
+
+def _cholesky_upper_precision(covariance: np.ndarray) -> np.ndarray:
+    """Upper-triangular ``U`` with ``inv(covariance) = U @ U.T`` for one (D, D) matrix."""
+    try:
+        cov_chol = linalg.cholesky(covariance, lower=True)
+    except linalg.LinAlgError:
+        raise ValueError(ILL_DEFINED_COVARIANCE) from None
+    return linalg.solve_triangular(cov_chol, np.eye(covariance.shape[0]), lower=True).T
+
+
+def precisions_cholesky_from_covariances(
+    covariances: np.ndarray, covariance_type: str
+) -> np.ndarray:
+    """Precision Cholesky factors of covariances.
+
+    Parameters
+    ----------
+    covariances : ndarray, shape given by `covariance_shape`
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    precisions_cholesky : ndarray, same shape as ``covariances``
+
+    Raises
+    ------
+    ValueError
+        If a covariance is not positive definite (the message says what to change).
+    """
+    covariances = np.asarray(covariances, dtype=np.float64)
+    if covariance_type == "full":
+        return np.stack([_cholesky_upper_precision(c) for c in covariances])
+    if covariance_type == "tied":
+        return _cholesky_upper_precision(covariances)
+    if np.any(~(covariances > 0.0)):
+        raise ValueError(ILL_DEFINED_COVARIANCE)
+    return 1.0 / np.sqrt(covariances)
+
+
+def precisions_cholesky_from_precisions(precisions: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Precision Cholesky factors of precision matrices, as scikit-learn computes them.
+
+    Parameters
+    ----------
+    precisions : ndarray, shape given by `covariance_shape`
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    precisions_cholesky : ndarray, same shape as ``precisions``
+    """
+    precisions = np.asarray(precisions, dtype=np.float64)
+    if covariance_type == "full":
+        return np.stack(
+            [_flipudlr(linalg.cholesky(_flipudlr(p), lower=True)) for p in precisions]
+        )
+    if covariance_type == "tied":
+        return _flipudlr(linalg.cholesky(_flipudlr(precisions), lower=True))
+    return np.sqrt(precisions)
+
+
+def precisions_from_cholesky(precisions_cholesky: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Precisions ``U @ U.T`` (or ``U**2`` for diag/spherical) from their Cholesky factors."""
+    if covariance_type == "full":
+        return np.einsum("kij,klj->kil", precisions_cholesky, precisions_cholesky)
+    if covariance_type == "tied":
+        return precisions_cholesky @ precisions_cholesky.T
+    return precisions_cholesky**2
+
+
+def covariances_from_precisions_cholesky(
+    precisions_cholesky: np.ndarray, covariance_type: str
+) -> np.ndarray:
+    """Covariances from precision Cholesky factors: ``inv(U @ U.T)`` (or ``1/U**2``)."""
+    if covariance_type in ("full", "tied"):
+        u_inv = np.linalg.inv(precisions_cholesky)
+        return np.swapaxes(u_inv, -1, -2) @ u_inv
+    return 1.0 / precisions_cholesky**2
+
+
+def log_det_cholesky(
+    precisions_cholesky: np.ndarray, covariance_type: str, n_features: int
+) -> np.ndarray | float:
+    """Log-determinant of the precision Cholesky factor, per component.
+
+    Returns
+    -------
+    log_det : ndarray of shape (K,), or a float for ``tied``
+    """
+    if covariance_type == "full":
+        n_components = precisions_cholesky.shape[0]
+        diag = precisions_cholesky.reshape(n_components, -1)[:, :: n_features + 1]
+        return np.sum(np.log(diag), axis=1)
+    if covariance_type == "tied":
+        return float(np.sum(np.log(np.diag(precisions_cholesky))))
+    if covariance_type == "diag":
+        return np.sum(np.log(precisions_cholesky), axis=1)
+    return n_features * np.log(precisions_cholesky)
+
+
+def n_parameters(n_components: int, n_features: int, covariance_type: str) -> int:
+    """Number of free parameters of the mixture (for BIC/AIC)."""
+    if covariance_type == "full":
+        cov_params = n_components * n_features * (n_features + 1) / 2.0
+    elif covariance_type == "diag":
+        cov_params = n_components * n_features
+    elif covariance_type == "tied":
+        cov_params = n_features * (n_features + 1) / 2.0
+    else:
+        cov_params = n_components
+    return int(cov_params + n_features * n_components + n_components - 1)
+
+
+@dataclass(frozen=True)
+class GMMParams:
+    """Parameters of a Gaussian mixture, immutable and small.
+
+    Attributes
+    ----------
+    weights : ndarray of shape (K,)
+        Mixing weights, summing to one.
+    means : ndarray of shape (K, D)
+    covariances : ndarray, shape given by `covariance_shape`
+    precisions_cholesky : ndarray, same shape as ``covariances``
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+    precisions_cholesky: np.ndarray
+    covariance_type: str
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "means", "covariances", "precisions_cholesky"):
+            value = np.array(getattr(self, name), dtype=np.float64)
+            value.flags.writeable = False
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_covariances(
+        cls,
+        weights: np.ndarray,
+        means: np.ndarray,
+        covariances: np.ndarray,
+        covariance_type: str,
+    ) -> GMMParams:
+        """Build parameters from covariances (computes the precision Cholesky factors)."""
+        return cls(
+            weights,
+            means,
+            covariances,
+            precisions_cholesky_from_covariances(covariances, covariance_type),
+            covariance_type,
+        )
+
+    @classmethod
+    def from_precisions(
+        cls,
+        weights: np.ndarray,
+        means: np.ndarray,
+        precisions: np.ndarray,
+        covariance_type: str,
+    ) -> GMMParams:
+        """Build parameters from precisions (inverse covariances)."""
+        prec_chol = precisions_cholesky_from_precisions(precisions, covariance_type)
+        return cls(
+            weights,
+            means,
+            covariances_from_precisions_cholesky(prec_chol, covariance_type),
+            prec_chol,
+            covariance_type,
+        )
+
+    @property
+    def n_components(self) -> int:
+        """Number of mixture components ``K``."""
+        return int(self.means.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        """Number of features ``D``."""
+        return int(self.means.shape[1])
+
+    @property
+    def precisions(self) -> np.ndarray:
+        """Precision matrices (inverse covariances), same shape as ``covariances``."""
+        return precisions_from_cholesky(self.precisions_cholesky, self.covariance_type)
+
+    def flat(self) -> np.ndarray:
+        """All parameters as one float64 vector (for comparisons and checksums)."""
+        return np.concatenate(
+            [a.ravel() for a in (self.weights, self.means, self.covariances, self.precisions_cholesky)]
+        )
+
+
+def check_init_arrays(
+    weights_init: np.ndarray | None,
+    means_init: np.ndarray | None,
+    precisions_init: np.ndarray | None,
+    n_components: int,
+    n_features: int,
+    covariance_type: str,
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Validate user-given initial parameters (scikit-learn's rules and messages).
+
+    Returns
+    -------
+    weights_init, means_init, precisions_init : float64 ndarrays or None
+
+    Raises
+    ------
+    ValueError
+        On a wrong shape, weights outside [0, 1] or not summing to one, or
+        precisions that are not symmetric positive definite.
+    """
+    w = m = p = None
+    if weights_init is not None:
+        w = np.asarray(weights_init, dtype=np.float64)
+        if w.shape != (n_components,):
+            raise ValueError(
+                f"The parameter 'weights' should have the shape of ({n_components},), "
+                f"but got {w.shape}."
+            )
+        if np.any(w < 0.0) or np.any(w > 1.0):
+            raise ValueError(
+                "The parameter 'weights' should be in the range [0, 1], but got "
+                f"max value {w.max():.5f}, min value {w.min():.5f}."
+            )
+        if not np.allclose(np.abs(1.0 - np.sum(w)), 0.0, atol=1e-6):
+            raise ValueError(
+                f"The parameter 'weights' should be normalized, but got sum(weights) = {np.sum(w):.5f}."
+            )
+    if means_init is not None:
+        m = np.asarray(means_init, dtype=np.float64)
+        if m.shape != (n_components, n_features):
+            raise ValueError(
+                f"The parameter 'means' should have the shape of ({n_components}, {n_features}), "
+                f"but got {m.shape}."
+            )
+    if precisions_init is not None:
+        p = np.asarray(precisions_init, dtype=np.float64)
+        expected = covariance_shape(covariance_type, n_components, n_features)
+        if p.shape != expected:
+            raise ValueError(
+                f"The parameter '{covariance_type} precision' should have the shape of "
+                f"{expected}, but got {p.shape}."
+            )
+        mats = {"full": p, "tied": p[None]}.get(covariance_type)
+        if mats is None:
+            if np.any(~(p > 0.0)):
+                raise ValueError(f"'{covariance_type} precision' should be positive.")
+        else:
+            for mat in mats:
+                if not np.allclose(mat, mat.T) or np.any(np.linalg.eigvalsh(mat) <= 0.0):
+                    raise ValueError(
+                        f"'{covariance_type} precision' should be symmetric, positive-definite."
+                    )
+    return w, m, p

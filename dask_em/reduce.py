@@ -1,0 +1,256 @@
+"""The only module that builds Dask graphs.
+
+`RowData` holds a dataset as a Dask array chunked by rows (all features in one chunk)
+with optional sample weights. `RowData.map_reduce` maps a chunk function of
+`dask_em.kernels` over every row chunk and adds the results up with a tree reduction
+of fan-in at most ``split_every``, in a fixed order (by chunk index), so the result does
+not depend on which worker ran which task. Each call is one pass over the data and one
+``compute``. Broadcast arguments (the current parameters) are one key in the graph,
+shared by all tasks, never copied into each task.
+
+`map_rows` builds the lazy per-row outputs (labels, responsibilities, log-densities).
+
+No EM logic here: the callers decide what the chunk functions compute.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed
+
+DEFAULT_SPLIT_EVERY = 8
+
+
+def as_row_chunked(X: da.Array) -> da.Array:
+    """Return ``X`` with all features in one chunk (rechunked if it was split along features)."""
+    if len(X.chunks[1]) > 1:
+        X = X.rechunk({0: X.chunks[0], 1: -1})
+    return X
+
+
+def _sum(*values: Any) -> Any:
+    """Add values left to right: the fixed-order combine step of the tree reduction."""
+    return functools.reduce(operator.add, values)
+
+
+def _broadcast(value: Any) -> Any:
+    """One graph key for a non-scalar argument, so tasks reference it instead of embedding it."""
+    if isinstance(value, int | float | str | bool | None):
+        return value
+    return dask.delayed(value, pure=True, traverse=False)
+
+
+def cluster_memory_limit() -> float:
+    """Total memory limit of the workers, in bytes.
+
+    The workers of the active ``distributed.Client`` if there is one (a worker without a
+    limit counts with the machine's memory), else this machine's available memory.
+    """
+    import psutil
+
+    machine = float(psutil.virtual_memory().available)
+    try:
+        from distributed import get_client
+
+        client = get_client()
+    except (ImportError, ValueError):
+        return machine
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return float(sum(w.get("memory_limit") or machine for w in workers)) or machine
+
+
+class RowData:
+    """A dataset of rows to map-reduce over, with a count of the passes made.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n, D)
+        Chunked by rows; features are merged into one chunk if needed.
+    sample_weight : dask.array.Array of shape (n,), optional
+        Rechunked to the row chunks of ``X``.
+    split_every : int, default 8
+        Maximum fan-in of the tree reduction (at least 2).
+
+    Attributes
+    ----------
+    n_passes : int
+        Number of `map_reduce` calls made, i.e. full passes over the data.
+    """
+
+    def __init__(
+        self,
+        X: da.Array,
+        sample_weight: da.Array | None = None,
+        split_every: int = DEFAULT_SPLIT_EVERY,
+    ) -> None:
+        if split_every < 2:
+            raise ValueError(f"split_every must be at least 2, got {split_every}.")
+        self.X = as_row_chunked(X)
+        self.sample_weight = (
+            None if sample_weight is None else sample_weight.rechunk((self.X.chunks[0],))
+        )
+        self.split_every = int(split_every)
+        self.n_passes = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_samples, n_features)``."""
+        return (int(self.X.shape[0]), int(self.X.shape[1]))
+
+    @property
+    def row_starts(self) -> list[int]:
+        """Global index of the first row of each chunk."""
+        return [0, *np.cumsum(self.X.chunks[0])[:-1].tolist()]
+
+    def persisted(self, cache: bool | str) -> RowData:
+        """This data held in the cluster's memory, if ``cache`` says so.
+
+        Parameters
+        ----------
+        cache : {'auto', True, False}
+            ``'auto'`` persists when the array takes less than half of
+            `cluster_memory_limit`; ``True`` always; ``False`` never (every pass streams
+            from the source).
+        """
+        if cache == "auto":
+            cache = self.X.nbytes < 0.5 * cluster_memory_limit()
+        if not cache:
+            return self
+        X, w = self.X, self.sample_weight
+        X, w = dask.persist(X, w) if w is not None else (X.persist(), None)
+        data = RowData(X, w, self.split_every)
+        data.n_passes = self.n_passes
+        return data
+
+    def build(self, chunk_fn: Callable[..., Any], *args: Any) -> Delayed:
+        """The graph of one pass: ``chunk_fn`` over every chunk, then a fixed-order tree sum.
+
+        ``chunk_fn(X_block, w_block, chunk_index, row_start, *args)`` must return a value
+        supporting ``+``. Returns the lazy result (one key).
+        """
+        x_blocks = self.X.to_delayed().ravel()
+        if self.sample_weight is None:
+            w_blocks: Sequence[Any] = [None] * len(x_blocks)
+        else:
+            w_blocks = self.sample_weight.to_delayed().ravel()
+        shared = [_broadcast(a) for a in args]
+        fn = dask.delayed(chunk_fn, pure=True)
+        parts = [
+            fn(xb, wb, i, start, *shared)
+            for i, (xb, wb, start) in enumerate(zip(x_blocks, w_blocks, self.row_starts, strict=True))
+        ]
+        combine = dask.delayed(_sum, pure=True)
+        while len(parts) > 1:
+            parts = [
+                combine(*parts[j : j + self.split_every])
+                for j in range(0, len(parts), self.split_every)
+            ]
+        return parts[0]
+
+    def map_reduce(self, chunk_fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one pass (one ``compute``) of ``chunk_fn`` over the data; see `build`."""
+        result = self.build(chunk_fn, *args).compute()
+        self.n_passes += 1
+        return result
+
+    def read_rows(self, indices: np.ndarray) -> np.ndarray:
+        """The rows at ``indices`` (in that order), reading only the chunks that hold them.
+
+        Returns
+        -------
+        rows : ndarray of shape (len(indices), D), float64
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices)
+        rows = np.asarray(self.X[indices[order]].compute(), dtype=np.float64)
+        out = np.empty_like(rows)
+        out[order] = rows
+        return out
+
+
+def map_rows(
+    X: da.Array,
+    block_fn: Callable[[np.ndarray, Any], np.ndarray],
+    params: Any,
+    dtype: Any,
+    n_cols: int | None = None,
+) -> da.Array:
+    """Lazy per-row output of ``block_fn(X_block, params)``.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n, D)
+    block_fn : callable
+        Returns shape (n_block,) when ``n_cols`` is None, else (n_block, n_cols).
+    params : object
+        Shared by every block as one graph key.
+    dtype : numpy dtype of the output
+    n_cols : int, optional
+
+    Returns
+    -------
+    dask.array.Array of shape (n,) or (n, n_cols)
+    """
+    X = as_row_chunked(X)
+    shared = _broadcast(params)
+    if n_cols is None:
+        return X.map_blocks(
+            block_fn, shared, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype)
+        )
+    return X.map_blocks(
+        block_fn,
+        shared,
+        chunks=(X.chunks[0], (n_cols,)),
+        dtype=dtype,
+        meta=np.empty((0, 0), dtype=dtype),
+    )
+
+
+def from_blocks(
+    block_fn: Callable[..., np.ndarray],
+    row_chunks: Sequence[int],
+    n_cols: int | None,
+    dtype: Any,
+    *args: Any,
+) -> da.Array:
+    """A lazy array whose chunk ``i`` is ``block_fn(i, row_chunks[i], *args)``.
+
+    Parameters
+    ----------
+    block_fn : callable
+        Returns shape (rows,) when ``n_cols`` is None, else (rows, n_cols).
+    row_chunks : sequence of int
+        Rows of each chunk.
+    n_cols : int or None
+    dtype : numpy dtype of the blocks
+    *args
+        Shared by every block (one graph key each).
+
+    Returns
+    -------
+    dask.array.Array of shape (sum(row_chunks),) or (sum(row_chunks), n_cols)
+    """
+    shared = [_broadcast(a) for a in args]
+    fn = dask.delayed(block_fn, pure=True)
+    blocks = [
+        da.from_delayed(
+            fn(i, int(rows), *shared),
+            shape=(int(rows),) if n_cols is None else (int(rows), n_cols),
+            dtype=dtype,
+        )
+        for i, rows in enumerate(row_chunks)
+    ]
+    return da.concatenate(blocks, axis=0)
+
+
+def row_chunks(n_rows: int, chunk_rows: int) -> tuple[int, ...]:
+    """Row chunk sizes: ``chunk_rows`` each, the last one shorter."""
+    full, rest = divmod(int(n_rows), int(chunk_rows))
+    return (int(chunk_rows),) * full + ((rest,) if rest else ())

@@ -1,0 +1,163 @@
+"""Sufficient statistics of a Gaussian mixture and the M-step that turns them into parameters.
+
+`SuffStats` is an immutable value that adds: the statistics of a dataset are the sum of
+the statistics of any partition of its rows, in any grouping (a commutative monoid with
+`SuffStats.zero`). This is what lets one EM iteration be a map (per chunk) and a tree
+reduction (`+`) followed by `m_step` on the driver.
+
+Moments are *shifted*: for component ``k`` with shift ``c_k`` (the current means),
+
+    n_k  = sum_i r_ik                                    shape (K,)
+    s1_k = sum_i r_ik (x_i - c_k)                        shape (K, D)
+    s2_k = sum_i r_ik (x_i - c_k)(x_i - c_k)^T           shape depends on the covariance type
+
+where ``r_ik`` already includes the sample weight. Shifting keeps cancellation small on
+data far from the origin (the M-step subtracts ``(s1/n)(s1/n)^T``, which is small near
+convergence, instead of ``mu mu^T``). No Dask here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dask_em.params import GMMParams, check_covariance_type
+
+_EPS = 10.0 * np.finfo(np.float64).eps  # added to n_k exactly as scikit-learn does
+
+
+def second_moment_shape(covariance_type: str, n_components: int, n_features: int) -> tuple[int, ...]:
+    """Shape of ``s2`` for a covariance type.
+
+    ``full``: (K, D, D); ``tied``: (D, D) (summed over components); ``diag`` and
+    ``spherical``: (K, D) (diagonal only).
+    """
+    return {
+        "full": (n_components, n_features, n_features),
+        "tied": (n_features, n_features),
+        "diag": (n_components, n_features),
+        "spherical": (n_components, n_features),
+    }[check_covariance_type(covariance_type)]
+
+
+@dataclass(frozen=True)
+class SuffStats:
+    """Additive sufficient statistics of (a part of) the data under fixed parameters.
+
+    Attributes
+    ----------
+    n : ndarray of shape (K,)
+        Weighted responsibility mass per component.
+    s1 : ndarray of shape (K, D)
+        Shifted first moments.
+    s2 : ndarray, shape from `second_moment_shape`
+        Shifted second moments.
+    loglik : float
+        ``sum_i w_i log p(x_i)`` under the parameters of the E-step (0 where not an E-step).
+    weight_sum : float
+        ``sum_i w_i``.
+    n_samples : int
+        Number of rows.
+    """
+
+    n: np.ndarray
+    s1: np.ndarray
+    s2: np.ndarray
+    loglik: float
+    weight_sum: float
+    n_samples: int
+
+    def __post_init__(self) -> None:
+        for name in ("n", "s1", "s2"):
+            value = np.array(getattr(self, name), dtype=np.float64)
+            value.flags.writeable = False
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "loglik", float(self.loglik))
+        object.__setattr__(self, "weight_sum", float(self.weight_sum))
+        object.__setattr__(self, "n_samples", int(self.n_samples))
+
+    @classmethod
+    def zero(cls, n_components: int, n_features: int, covariance_type: str) -> SuffStats:
+        """The neutral element: statistics of no rows."""
+        return cls(
+            np.zeros(n_components),
+            np.zeros((n_components, n_features)),
+            np.zeros(second_moment_shape(covariance_type, n_components, n_features)),
+            0.0,
+            0.0,
+            0,
+        )
+
+    def __add__(self, other: SuffStats) -> SuffStats:
+        if not isinstance(other, SuffStats):
+            return NotImplemented
+        if self.s2.shape != other.s2.shape:
+            raise ValueError(
+                f"Cannot add statistics of different shapes {self.s2.shape} and {other.s2.shape}."
+            )
+        return SuffStats(
+            self.n + other.n,
+            self.s1 + other.s1,
+            self.s2 + other.s2,
+            self.loglik + other.loglik,
+            self.weight_sum + other.weight_sum,
+            self.n_samples + other.n_samples,
+        )
+
+    @property
+    def mean_loglik(self) -> float:
+        """Weighted mean log-likelihood per sample (scikit-learn's lower bound)."""
+        return self.loglik / self.weight_sum
+
+
+def m_step(
+    stats: SuffStats, shift: np.ndarray, reg_covar: float, covariance_type: str
+) -> GMMParams:
+    """New mixture parameters from reduced statistics.
+
+    Parameters
+    ----------
+    stats : SuffStats
+        Statistics of the whole dataset, shifted by ``shift``.
+    shift : ndarray of shape (K, D)
+        The per-component shift the statistics were computed with.
+    reg_covar : float
+        Non-negative regularization added to the diagonal of the covariances.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    GMMParams
+
+    Raises
+    ------
+    ValueError
+        If a covariance is not positive definite (message says to increase ``reg_covar``).
+
+    Notes
+    -----
+    With ``d_k = s1_k / n_k`` the new mean is ``c_k + d_k`` and the covariance is
+    ``s2_k / n_k - d_k d_k^T + reg_covar I`` (the weighted scatter around the new mean),
+    as scikit-learn's ``_estimate_gaussian_parameters``; ``n_k`` gets scikit-learn's
+    ``10 * eps`` so that empty components give finite means.
+    """
+    nk = stats.n + _EPS
+    delta = stats.s1 / nk[:, None]
+    means = np.asarray(shift, dtype=np.float64) + delta
+    n_features = means.shape[1]
+    if covariance_type == "full":
+        cov = stats.s2 / nk[:, None, None] - delta[:, :, None] * delta[:, None, :]
+        cov = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+        cov[:, np.arange(n_features), np.arange(n_features)] += reg_covar
+    elif covariance_type == "tied":
+        cov = (stats.s2 - np.einsum("k,ki,kj->ij", nk, delta, delta)) / nk.sum()
+        cov = 0.5 * (cov + cov.T)
+        cov[np.arange(n_features), np.arange(n_features)] += reg_covar
+    elif covariance_type == "diag":
+        cov = stats.s2 / nk[:, None] - delta**2 + reg_covar
+    elif covariance_type == "spherical":
+        cov = (stats.s2 / nk[:, None] - delta**2).mean(axis=1) + reg_covar
+    else:
+        check_covariance_type(covariance_type)
+    return GMMParams.from_covariances(nk / nk.sum(), means, cov, covariance_type)
