@@ -43,6 +43,102 @@ def chunk_rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, *stream])
 
 
+BLOCK_ROWS = 4096
+"""Rows processed at once inside a chunk: the temporaries of a block stay in cache, and
+BLAS sees products of shape (K*D, D) x (D, BLOCK_ROWS), which it runs at speed (a single
+product over a tall, skinny chunk runs far slower)."""
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """Per-parameter constants of the blocked log-density, in the working dtype.
+
+    Rows are centered at ``c0`` (the mixture mean) before any product, so products
+    stay accurate for data far from the origin; ``d = means - c0``.
+    """
+
+    covariance_type: str
+    c0: np.ndarray  # (D,)
+    d: np.ndarray  # (K, D), float64
+    const: np.ndarray  # (K, 1): -D/2 log 2pi + log det U_k + log weight_k
+    A: np.ndarray  # full (K*D, D): stacked U_k^T; tied (D, D): U^T; diag/spherical (K, D): U_k^2
+    b: np.ndarray  # full (K*D, 1); tied (K, D, 1); diag/spherical (K, D)
+    lin: np.ndarray | None  # diag/spherical (K, 1)
+
+    @classmethod
+    def build(
+        cls,
+        means: np.ndarray,
+        precisions_cholesky: np.ndarray,
+        covariance_type: str,
+        log_weights: np.ndarray,
+        center: np.ndarray,
+        dtype: np.dtype,
+    ) -> _Projection:
+        n_components, n_features = means.shape
+        prec = np.asarray(precisions_cholesky, dtype=np.float64)
+        d = np.asarray(means, dtype=np.float64) - center
+        const = -0.5 * n_features * _LOG_2PI + np.asarray(
+            log_det_cholesky(prec, covariance_type, n_features)
+        ) + log_weights
+        lin = None
+        if covariance_type == "full":
+            A = prec.transpose(0, 2, 1).reshape(n_components * n_features, n_features)
+            b = np.einsum("kd,kde->ke", d, prec).reshape(n_components * n_features, 1)
+        elif covariance_type == "tied":
+            A = prec.T
+            b = (d @ prec)[:, :, None]
+        else:
+            p2 = prec**2 if covariance_type == "diag" else np.repeat((prec**2)[:, None], n_features, axis=1)
+            A = p2
+            b = -2.0 * d * p2
+            lin = np.sum(d * d * p2, axis=1)[:, None].astype(dtype)
+        return cls(
+            covariance_type,
+            np.asarray(center).astype(dtype),
+            d,
+            np.broadcast_to(const, (n_components,))[:, None].astype(dtype),
+            np.ascontiguousarray(A, dtype=dtype),
+            np.ascontiguousarray(b, dtype=dtype),
+            lin,
+        )
+
+    @classmethod
+    def of(cls, params: GMMParams, dtype: np.dtype) -> _Projection:
+        """The projection of mixture parameters (log-weights included)."""
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(params.weights)
+        return cls.build(
+            params.means, params.precisions_cholesky, params.covariance_type,
+            log_weights, params.weights @ params.means, dtype,
+        )
+
+    def centered(self, X: np.ndarray, start: int) -> np.ndarray:
+        """Rows ``start:start+BLOCK_ROWS`` of ``X`` minus ``c0``, transposed: shape (D, m)."""
+        return (X[start : start + BLOCK_ROWS] - self.c0).T.copy()
+
+    def log_prob(self, xt: np.ndarray) -> np.ndarray:
+        """Weighted log-densities of a centered, transposed block ``xt`` (D, m): shape (K, m)."""
+        n_components = self.const.shape[0]
+        m = xt.shape[1]
+        if self.covariance_type == "full":
+            y = self.A @ xt
+            y -= self.b
+            y *= y
+            maha = y.reshape(n_components, -1, m).sum(axis=1)
+        elif self.covariance_type == "tied":
+            y = (self.A @ xt)[None] - self.b
+            y *= y
+            maha = y.sum(axis=1)
+        else:
+            maha = self.A @ (xt * xt)
+            maha += self.b @ xt
+            maha += self.lin
+        maha *= -0.5
+        maha += self.const
+        return maha
+
+
 def log_gaussian_prob(
     X: np.ndarray, means: np.ndarray, precisions_cholesky: np.ndarray, covariance_type: str
 ) -> np.ndarray:
@@ -61,23 +157,31 @@ def log_gaussian_prob(
     -------
     log_prob : ndarray of shape (n, K), dtype of ``X``
     """
-    n, n_features = X.shape
-    n_components = means.shape[0]
-    dtype = X.dtype
-    means = means.astype(dtype, copy=False)
-    prec = precisions_cholesky.astype(dtype, copy=False)
-    maha = np.empty((n, n_components), dtype=dtype)
-    for k in range(n_components):
-        diff = X - means[k]
-        if covariance_type == "full":
-            y = diff @ prec[k]
-        elif covariance_type == "tied":
-            y = diff @ prec
-        else:  # diag: one scale per feature; spherical: one scale
-            y = diff * prec[k]
-        maha[:, k] = np.einsum("ij,ij->i", y, y)
-    log_det = np.asarray(log_det_cholesky(precisions_cholesky, covariance_type, n_features))
-    return (-0.5 * (n_features * _LOG_2PI + maha) + log_det).astype(dtype, copy=False)
+    means = np.asarray(means, dtype=np.float64)
+    proj = _Projection.build(
+        means, precisions_cholesky, covariance_type,
+        np.zeros(means.shape[0]), means.mean(axis=0), X.dtype,
+    )
+    out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
+    for start in range(0, X.shape[0], BLOCK_ROWS):
+        out[start : start + BLOCK_ROWS] = proj.log_prob(proj.centered(X, start)).T
+    return out
+
+
+def _log_normalize(log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Log-sum-exp over components of a (K, m) block, in place.
+
+    Returns ``(norm (m,), resp (K, m))`` where ``resp`` is ``log_prob`` overwritten by
+    the responsibilities ``exp(log_prob - norm)``.
+    """
+    top = log_prob.max(axis=0)
+    top[~np.isfinite(top)] = 0.0  # a row with every density -inf stays -inf, not NaN
+    log_prob -= top
+    resp = np.exp(log_prob, out=log_prob)
+    total = resp.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resp /= total
+        return top + np.log(total), resp
 
 
 def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndarray]:
@@ -95,13 +199,16 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     log_resp : ndarray of shape (n, K)
         ``log p(k | x_i)``.
     """
-    weighted = log_gaussian_prob(X, params.means, params.precisions_cholesky, params.covariance_type)
-    with np.errstate(divide="ignore"):
-        weighted += np.log(params.weights).astype(X.dtype)
-    log_prob_norm = logsumexp(weighted, axis=1)
-    with np.errstate(under="ignore", invalid="ignore"):
-        log_resp = weighted - log_prob_norm[:, None]
-    return log_prob_norm, log_resp
+    proj = _Projection.of(params, X.dtype)
+    norm = np.empty(X.shape[0], dtype=X.dtype)
+    log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
+    for start in range(0, X.shape[0], BLOCK_ROWS):
+        lp = proj.log_prob(proj.centered(X, start))
+        block_norm, _ = _log_normalize(lp.copy())
+        norm[start : start + BLOCK_ROWS] = block_norm
+        with np.errstate(invalid="ignore"):
+            log_resp[start : start + BLOCK_ROWS] = (lp - block_norm).T
+    return norm, log_resp
 
 
 def moment_stats(
@@ -168,6 +275,11 @@ def em_chunk(
 ) -> SuffStats:
     """E-step of one chunk: its statistics under ``params``, shifted by ``params.means``.
 
+    Works on blocks of `BLOCK_ROWS` rows centered at the mixture mean ``c0``: the
+    moments about ``c0`` are accumulated with matrix products and moved to the shift
+    ``c_k = means_k`` at the end (``s1_k = S1_k - n_k d_k``,
+    ``s2_k = S2_k - S1_k d_k^T - d_k S1_k^T + n_k d_k d_k^T`` with ``d_k = c_k - c0``).
+
     Returns
     -------
     SuffStats
@@ -178,18 +290,45 @@ def em_chunk(
     DataError
         If the chunk holds NaN or infinite values (the message names the chunk).
     """
-    log_prob_norm, log_resp = log_prob_resp(X, params)
-    _check_finite(X, log_prob_norm, chunk_index)
-    resp = np.exp(log_resp)
-    if sample_weight is None:
-        loglik = log_prob_norm.sum(dtype=np.float64)
-        weight_sum = float(X.shape[0])
+    n_samples, n_features = X.shape
+    n_components = params.n_components
+    cov_type = params.covariance_type
+    proj = _Projection.of(params, X.dtype)
+    nk = np.zeros(n_components)
+    m1 = np.zeros((n_components, n_features))
+    m2 = np.zeros(second_moment_shape(cov_type, n_components, n_features))
+    loglik = 0.0
+    for start in range(0, n_samples, BLOCK_ROWS):
+        xt = proj.centered(X, start)
+        norm, resp = _log_normalize(proj.log_prob(xt))
+        _check_finite(X[start : start + BLOCK_ROWS], norm, chunk_index)
+        if sample_weight is None:
+            loglik += norm.sum(dtype=np.float64)
+        else:
+            w = sample_weight[start : start + BLOCK_ROWS]
+            resp *= w.astype(resp.dtype, copy=False)
+            loglik += float(norm.astype(np.float64) @ w.astype(np.float64))
+        nk += resp.sum(axis=1, dtype=np.float64)
+        m1 += resp @ xt.T
+        if cov_type == "full":
+            for k in range(n_components):
+                m2[k] += (xt * resp[k]) @ xt.T
+        elif cov_type == "tied":
+            m2 += (xt * resp.sum(axis=0)) @ xt.T
+        else:
+            m2 += resp @ (xt * xt).T
+    d = proj.d
+    s1 = m1 - nk[:, None] * d
+    if cov_type == "full":
+        outer = m1[:, :, None] * d[:, None, :]
+        s2 = m2 - outer - np.swapaxes(outer, 1, 2) + nk[:, None, None] * d[:, :, None] * d[:, None, :]
+    elif cov_type == "tied":
+        cross = m1.T @ d
+        s2 = m2 - cross - cross.T + (d.T * nk) @ d
     else:
-        resp *= sample_weight[:, None].astype(resp.dtype, copy=False)
-        loglik = np.dot(log_prob_norm.astype(np.float64), sample_weight.astype(np.float64))
-        weight_sum = sample_weight.sum(dtype=np.float64)
-    nk, s1, s2 = moment_stats(X, resp, params.means, params.covariance_type)
-    return SuffStats(nk, s1, s2, loglik, weight_sum, X.shape[0])
+        s2 = m2 - 2.0 * d * m1 + nk[:, None] * d * d
+    weight_sum = float(n_samples) if sample_weight is None else sample_weight.sum(dtype=np.float64)
+    return SuffStats(nk, s1, s2, loglik, weight_sum, n_samples)
 
 
 def _weighted_resp_stats(
