@@ -286,18 +286,26 @@ class Checkpoint:
     def _check_fingerprint(self, found: dict[str, Any]) -> None:
         if found == self.fingerprint:
             return
+        def shown(d: dict[str, Any], k: str) -> str:  # a key may be absent on one side only
+            return repr(d[k]) if k in d else "absent"
+
+        def differ(a: dict[str, Any], b: dict[str, Any], k: str) -> bool:
+            return (k in a) != (k in b) or a.get(k) != b.get(k)
+
         diffs = []
         for key in sorted(set(found) | set(self.fingerprint)):
+            if not differ(found, self.fingerprint, key):
+                continue
             a, b = found.get(key), self.fingerprint.get(key)
-            if a != b:
-                if isinstance(a, dict) and isinstance(b, dict):
-                    diffs += [
-                        f"{key}.{k}: {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
-                        for k in sorted(set(a) | set(b))
-                        if a.get(k) != b.get(k)
-                    ]
-                else:
-                    diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
+            if isinstance(a, dict) and isinstance(b, dict):
+                diffs += [
+                    f"{key}.{k}: {shown(a, k)} in the checkpoint, {shown(b, k)} now"
+                    for k in sorted(set(a) | set(b))
+                    if differ(a, b, k)
+                ]
+            else:
+                now = shown(self.fingerprint, key)
+                diffs.append(f"{key}: {shown(found, key)} in the checkpoint, {now} now")
         raise CheckpointMismatch(
             f"checkpoint {self.directory} was made for a different fit ({'; '.join(diffs)}); "
             "use another --checkpoint-dir, or --restart to discard it."

@@ -33,7 +33,7 @@ from dask_em.datasets import mixture_labels, mixture_rows, true_params
 from dask_em.errors import DataError
 from dask_em.estimator import GaussianMixture, load_model
 from dask_em.init import INITIALIZERS
-from dask_em.io import open_array, read_model, store_array
+from dask_em.io import check_output, open_array, read_model, store_array
 from dask_em.params import COVARIANCE_TYPES, GMMParams, n_parameters
 from dask_em.reduce import from_blocks, row_chunks
 
@@ -155,6 +155,7 @@ def _fit(args: argparse.Namespace, data: str, array: str | None, checkpoint_dir:
         verbose=0 if args.quiet else 2,
         verbose_interval=1,
         checkpoint_dir=checkpoint_dir,
+        acceleration=getattr(args, "acceleration", None),
     )
     X = open_array(data, array)
     start = time.perf_counter()
@@ -184,6 +185,7 @@ def _summary(gm: GaussianMixture) -> dict[str, Any]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     open_array(args.data, args.array)  # bad input fails here, before a cluster starts
+    check_output(args.output)
     if args.restart and args.checkpoint_dir:
         discard(args.checkpoint_dir)
     elif args.restart:
@@ -206,6 +208,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     X = open_array(args.data, args.array)
     if X.shape[1] != gm.n_features_in_:
         raise DataError(f"{args.data} has {X.shape[1]} features but the model was fitted on {gm.n_features_in_}; use data with the same features.")
+    check_output(args.output)
     with _cluster(args):
         start = time.perf_counter()
         out = gm.predict_proba(X) if args.proba else gm.predict(X)
@@ -358,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-params", choices=list(INITIALIZERS), default="kmeans")
     p.add_argument("--n-init", type=_positive_int, default=1)
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument("--acceleration", choices=["squarem"], help="SQUAREM extrapolation (fewer passes)")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="save state every iteration; rerun to resume")
     p.add_argument("--restart", action="store_true", help="discard the checkpoint and start over")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")

@@ -81,7 +81,9 @@ def connect(
         memory_limit=memory_limit if memory_limit is not None else "auto",
         processes=True,
         dashboard_address=":0",
-        silence_logs=logging.ERROR,
+        # A task's exception reaches the caller, which reports it once; the workers'
+        # "Compute Failed" ERROR logs would repeat it on stderr with a traceback.
+        silence_logs=logging.CRITICAL,
     )
     with cluster, Client(cluster, set_as_default=True) as client:
         if not quiet:

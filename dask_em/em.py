@@ -62,11 +62,18 @@ class Iteration:
         ``lower_bound`` minus the previous one (``inf`` on a first iteration).
     seconds : float
         Wall time of the iteration.
+    resumable : bool
+        Whether ``result`` is a point a fit can resume from with the same outcome
+        (always for plain EM; for SQUAREM only at the end of an acceleration cycle).
+    note : str
+        What else happened (e.g. an extrapolation rejected), for progress output.
     """
 
     result: EMResult
     change: float
     seconds: float
+    resumable: bool = True
+    note: str = ""
 
     @property
     def n_iter(self) -> int:
@@ -82,6 +89,18 @@ class Iteration:
     def converged(self) -> bool:
         """Whether ``|change| < tol``."""
         return self.result.converged
+
+
+def em_step(
+    e_step: Callable[[GMMParams], SuffStats], result: EMResult, tol: float, reg_covar: float
+) -> tuple[EMResult, float]:
+    """One EM iteration (one pass) from ``result``; returns the new result and the change."""
+    stats = e_step(result.params)
+    lower_bound = stats.mean_loglik
+    params = m_step(stats, result.params.means, reg_covar, result.params.covariance_type)
+    change = lower_bound - result.lower_bound
+    history = [*result.lower_bounds, lower_bound]
+    return EMResult(params, result.n_iter + 1, abs(change) < tol, lower_bound, history), change
 
 
 def run_em(
@@ -117,22 +136,113 @@ def run_em(
     EMResult
     """
     result = start
-    if result.converged:
-        return result
-    for n_iter in range(start.n_iter + 1, max_iter + 1):
+    while not result.converged and result.n_iter < max_iter:
         began = time.perf_counter()
-        stats = e_step(result.params)
-        lower_bound = stats.mean_loglik
-        params = m_step(stats, result.params.means, reg_covar, result.params.covariance_type)
-        change = lower_bound - result.lower_bound
-        result = EMResult(
-            params, n_iter, abs(change) < tol, lower_bound, [*result.lower_bounds, lower_bound]
-        )
+        result, change = em_step(e_step, result, tol, reg_covar)
         if callback is not None:
             callback(Iteration(result, change, time.perf_counter() - began))
-        if result.converged:
-            break
     return result
+
+
+SQUAREM_STEP_MAX = 64.0
+"""Largest SQUAREM step length ``|alpha|``: fixed, so a resumed fit repeats the same steps."""
+
+
+def _as_vector(params: GMMParams) -> np.ndarray:
+    return np.concatenate([params.weights, params.means.ravel(), params.covariances.ravel()])
+
+
+def extrapolate(p0: GMMParams, p1: GMMParams, p2: GMMParams) -> GMMParams | None:
+    """SQUAREM's extrapolated parameters from three successive EM iterates (scheme S3).
+
+    With ``r = p1 - p0``, ``v = p2 - 2 p1 + p0`` and ``alpha = -|r| / |v|`` clamped to
+    ``[-SQUAREM_STEP_MAX, -1]``, returns ``p0 - 2 alpha r + alpha^2 v`` (Varadhan &
+    Roland 2008), or None when that is plain EM (``alpha = -1`` gives ``p2``) or not a
+    valid mixture (a weight <= 0, a covariance not positive definite).
+    """
+    x0, x1, x2 = _as_vector(p0), _as_vector(p1), _as_vector(p2)
+    r = x1 - x0
+    v = x2 - 2.0 * x1 + x0
+    norm_v = float(np.linalg.norm(v))
+    if norm_v == 0.0:
+        return None
+    alpha = max(min(-float(np.linalg.norm(r)) / norm_v, -1.0), -SQUAREM_STEP_MAX)
+    if alpha == -1.0:
+        return None
+    x = x0 - 2.0 * alpha * r + alpha * alpha * v
+    k, d = p0.means.shape
+    weights = x[:k]
+    if np.any(weights <= 0.0) or not np.all(np.isfinite(x)):
+        return None
+    means = x[k : k + k * d].reshape(k, d)
+    cov = x[k + k * d :].reshape(p0.covariances.shape)
+    if p0.covariance_type in ("full", "tied"):
+        cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    try:
+        return GMMParams.from_covariances(weights / weights.sum(), means, cov, p0.covariance_type)
+    except ValueError:
+        return None
+
+
+def run_squarem(
+    e_step: Callable[[GMMParams], SuffStats],
+    start: EMResult,
+    *,
+    tol: float,
+    max_iter: int,
+    reg_covar: float,
+    callback: Callable[[Iteration], None] | None = None,
+) -> EMResult:
+    """EM accelerated by SQUAREM, with the monotonicity safeguard. Same contract as `run_em`.
+
+    A cycle from ``p0`` makes two EM iterations (``p1``, ``p2``), extrapolates ``p'``
+    (`extrapolate`) and runs one EM iteration from it. The extrapolation is kept when its
+    lower bound is at least that of ``p1``; otherwise that pass is discarded (it counts
+    in ``n_passes_`` but not in ``n_iter``) and the cycle ends at ``p2``. An invalid
+    extrapolation falls back to ``p2`` without a pass. The recorded lower bounds are thus
+    those of accepted points only and never decrease beyond rounding. Checkpoints are
+    taken at cycle ends only (`Iteration.resumable`), so a resumed fit repeats exactly
+    the cycles of an uninterrupted one.
+    """
+    result = start
+
+    def done(r: EMResult) -> bool:
+        return r.converged or r.n_iter >= max_iter
+
+    def report(r: EMResult, change: float, began: float, resumable: bool, note: str = "") -> None:
+        if callback is not None:
+            callback(Iteration(r, change, time.perf_counter() - began, resumable or done(r), note))
+
+    while not done(result):
+        began = time.perf_counter()
+        r1, change1 = em_step(e_step, result, tol, reg_covar)
+        report(r1, change1, began, False)
+        if done(r1):
+            return r1
+        began = time.perf_counter()
+        r2, change2 = em_step(e_step, r1, tol, reg_covar)
+        candidate = None if done(r2) else extrapolate(result.params, r1.params, r2.params)
+        if candidate is None:
+            report(r2, change2, began, True)
+            result = r2
+            continue
+        seconds2 = time.perf_counter() - began
+        began = time.perf_counter()
+        from_candidate = EMResult(candidate, r2.n_iter, False, r2.lower_bound, r2.lower_bounds)
+        r3, change3 = em_step(e_step, from_candidate, tol, reg_covar)
+        accepted = r3.lower_bound >= r2.lower_bound
+        if callback is not None:
+            note = "" if accepted else "extrapolation rejected (lower bound fell); continuing from EM"
+            callback(Iteration(r2, change2, seconds2, not accepted, note))
+        if accepted:
+            report(r3, change3, began, True, "extrapolated")
+            result = r3
+        else:
+            result = r2
+    return result
+
+
+ACCELERATIONS: dict[str | None, Callable[..., EMResult]] = {None: run_em, "squarem": run_squarem}
 
 
 @dataclass(frozen=True)
@@ -177,6 +287,7 @@ def fit_restarts(
     reg_covar: float,
     on_iteration: Callable[[Iteration], None] | None = None,
     on_state: Callable[[FitState], None] | None = None,
+    acceleration: str | None = None,
 ) -> EMResult:
     """Run one EM per seed of ``state`` from where ``state`` stands; return the best run.
 
@@ -193,14 +304,20 @@ def fit_restarts(
     on_iteration : callable, optional
         Called with every `Iteration`.
     on_state : callable, optional
-        Called with the new `FitState` after every initialization and iteration, and
-        once at the end with ``done=True`` (checkpointing hooks in here).
+        Called with the new `FitState` after every initialization and every
+        resumable iteration, and once at the end with ``done=True`` (checkpointing
+        hooks in here).
+    acceleration : {None, 'squarem'}
+        A key of `ACCELERATIONS`: plain EM (`run_em`) or `run_squarem`.
 
     Returns
     -------
     EMResult
         The best run.
     """
+    if acceleration not in ACCELERATIONS:
+        raise ValueError(f"Invalid acceleration {acceleration!r}: use None or 'squarem'.")
+    run = ACCELERATIONS[acceleration]
     if state.done and state.best is not None:
         return state.best
     best = state.best
@@ -214,10 +331,10 @@ def fit_restarts(
         def step(it: Iteration, index: int = index, best: EMResult | None = best) -> None:
             if on_iteration is not None:
                 on_iteration(it)
-            if on_state is not None:
+            if on_state is not None and it.resumable:
                 on_state(FitState(state.seeds, index, it.result, best))
 
-        result = run_em(e_step, current, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step)
+        result = run(e_step, current, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step)
         best = better(best, result)
     assert best is not None
     if on_state is not None:

@@ -122,6 +122,15 @@ def _check_replaceable(dest: Path) -> None:
         )
 
 
+def check_output(path: str | os.PathLike[str]) -> None:
+    """Raise DataError now if ``path`` exists and was not written by dask-em.
+
+    Writers check again when they publish; calling this before a long computation
+    refuses a bad output path before the work, not after it.
+    """
+    _check_replaceable(Path(path))
+
+
 def _publish(tmp: Path, dest: Path) -> None:
     """Move the complete ``tmp`` to ``dest``, replacing an earlier dask-em output there."""
     _check_replaceable(dest)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp
 
 from dask_em.errors import DataError
 from dask_em.params import GMMParams, log_det_cholesky
