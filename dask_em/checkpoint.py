@@ -157,15 +157,24 @@ class Checkpoint:
                 np.save(tmp / fname, np.asarray(getattr(run.params, name)), allow_pickle=False)
                 _fsync(tmp / fname)
                 meta["files"][fname] = _file_sha256(tmp / fname)
-        meta["checksum"] = content_hash(np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
+        meta["checksum"] = content_hash(
+            np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
+        )
         _write_json(tmp / "state.json", meta)
         final = self.directory / f"state-{sequence:06d}"
         os.replace(tmp, final)
-        committed = [final.name, *self._committed_names()][:KEEP_STATES]
+        # without a readable manifest the scan already finds ``final``: list it once
+        older = [name for name in self._committed_names() if name != final.name]
+        committed = [final.name, *older][:KEEP_STATES]
         manifest_tmp = self.directory / f".{MANIFEST}.tmp-{uuid.uuid4().hex}"
         _write_json(
             manifest_tmp,
-            {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint, "states": committed},
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "fingerprint": self.fingerprint,
+                "states": committed,
+            },
         )
         os.replace(manifest_tmp, self.directory / MANIFEST)
         _fsync(self.directory)
@@ -286,6 +295,7 @@ class Checkpoint:
     def _check_fingerprint(self, found: dict[str, Any]) -> None:
         if found == self.fingerprint:
             return
+
         def shown(d: dict[str, Any], k: str) -> str:  # a key may be absent on one side only
             return repr(d[k]) if k in d else "absent"
 
@@ -315,7 +325,9 @@ class Checkpoint:
     def _state_from(path: Path, meta: dict[str, Any]) -> FitState:
         runs = {}
         for role, info in meta["runs"].items():
-            arrays = [np.load(path / f"{role}_{name}.npy", allow_pickle=False) for name in _PARAM_ARRAYS]
+            arrays = [
+                np.load(path / f"{role}_{name}.npy", allow_pickle=False) for name in _PARAM_ARRAYS
+            ]
             runs[role] = EMResult(
                 GMMParams(*arrays, info["covariance_type"]),
                 int(info["n_iter"]),
@@ -346,7 +358,11 @@ def discard(directory: str | os.PathLike[str]) -> None:
     if not path.exists():
         return
     entries = list(path.iterdir())
-    ours = [p for p in entries if p.name == MANIFEST or p.name.startswith(("state-", ".tmp-", f".{MANIFEST}.tmp-"))]
+    ours = [
+        p
+        for p in entries
+        if p.name == MANIFEST or p.name.startswith(("state-", ".tmp-", f".{MANIFEST}.tmp-"))
+    ]
     if len(ours) != len(entries):
         other = next(p.name for p in entries if p not in ours)
         raise CheckpointDamaged(
@@ -360,7 +376,9 @@ def discard(directory: str | os.PathLike[str]) -> None:
             p.unlink()
 
 
-def data_fingerprint(X: Any, sample_weight: Any = None, row_starts: list[int] | None = None) -> dict[str, Any]:
+def data_fingerprint(
+    X: Any, sample_weight: Any = None, row_starts: list[int] | None = None
+) -> dict[str, Any]:
     """What identifies a dataset cheaply: shape, dtype, row chunks and a hash of sampled rows.
 
     Parameters
@@ -387,7 +405,9 @@ def data_fingerprint(X: Any, sample_weight: Any = None, row_starts: list[int] | 
     return {
         "shape": [int(s) for s in X.shape],
         "dtype": str(X.dtype),
-        "row_chunks": chunks if len(chunks) <= 8 else f"{len(chunks)} chunks, sha256 {content_hash(np.array(chunks))[:16]}",
+        "row_chunks": chunks
+        if len(chunks) <= 8
+        else f"{len(chunks)} chunks, sha256 {content_hash(np.array(chunks))[:16]}",
         "content": content_hash(*sampled)[:16],
         "sample_weight": sample_weight is not None,
     }

@@ -71,15 +71,31 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster (default: a local cluster of worker processes)")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
-    where.add_argument("--scheduler-file", metavar="FILE", help="scheduler file of a running cluster")
-    g.add_argument("--n-workers", type=_positive_int, metavar="W", help="local cluster: worker processes")
-    g.add_argument("--threads-per-worker", type=_positive_int, metavar="T", help="local cluster: threads per worker")
-    g.add_argument("--memory-limit", metavar="SIZE", help="local cluster: memory limit per worker, e.g. 2GiB")
+    where.add_argument(
+        "--scheduler-file", metavar="FILE", help="scheduler file of a running cluster"
+    )
+    g.add_argument(
+        "--n-workers", type=_positive_int, metavar="W", help="local cluster: worker processes"
+    )
+    g.add_argument(
+        "--threads-per-worker",
+        type=_positive_int,
+        metavar="T",
+        help="local cluster: threads per worker",
+    )
+    g.add_argument(
+        "--memory-limit", metavar="SIZE", help="local cluster: memory limit per worker, e.g. 2GiB"
+    )
 
 
 def _cluster(args: argparse.Namespace) -> Any:
-    if (args.scheduler or args.scheduler_file) and (args.n_workers or args.threads_per_worker or args.memory_limit):
-        raise DataError("--n-workers/--threads-per-worker/--memory-limit shape a local cluster; drop them with --scheduler or --scheduler-file.")
+    if (args.scheduler or args.scheduler_file) and (
+        args.n_workers or args.threads_per_worker or args.memory_limit
+    ):
+        raise DataError(
+            "--n-workers/--threads-per-worker/--memory-limit shape a local cluster; "
+            "drop them with --scheduler or --scheduler-file."
+        )
     return connect(
         scheduler=args.scheduler,
         scheduler_file=args.scheduler_file,
@@ -117,7 +133,9 @@ def generate(
 ) -> GMMParams:
     """Write a synthetic mixture dataset to a Zarr array; return its true parameters."""
     params = true_params(n_components, n_features, seed)
-    X = from_blocks(mixture_rows, row_chunks(n_samples, chunk_rows), n_features, np.float64, params, seed)
+    X = from_blocks(
+        mixture_rows, row_chunks(n_samples, chunk_rows), n_features, np.float64, params, seed
+    )
     store_array(
         X,
         path,
@@ -135,13 +153,21 @@ def generate(
 def cmd_generate(args: argparse.Namespace) -> int:
     with _cluster(args):
         start = time.perf_counter()
-        generate(args.out, args.n_samples, args.n_features, args.n_components, args.seed, args.chunk_rows)
-    _say(args, f"wrote {args.n_samples} x {args.n_features} rows of a {args.n_components}-component mixture to {args.out} in {time.perf_counter() - start:.1f} s")
+        generate(
+            args.out, args.n_samples, args.n_features, args.n_components, args.seed, args.chunk_rows
+        )
+    _say(
+        args,
+        f"wrote {args.n_samples} x {args.n_features} rows of a {args.n_components}-component "
+        f"mixture to {args.out} in {time.perf_counter() - start:.1f} s",
+    )
     return 0
 
 
 # --------------------------------------------------------------------------------- fit
-def _fit(args: argparse.Namespace, data: str, array: str | None, checkpoint_dir: str | None) -> tuple[GaussianMixture, float]:
+def _fit(
+    args: argparse.Namespace, data: str, array: str | None, checkpoint_dir: str | None
+) -> tuple[GaussianMixture, float]:
     """Fit with progress on stderr; return the estimator and the seconds it took."""
     gm = GaussianMixture(
         args.n_components,
@@ -164,7 +190,11 @@ def _fit(args: argparse.Namespace, data: str, array: str | None, checkpoint_dir:
         gm.fit(X)
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
-            _say(args, f"note: not converged after {gm.n_iter_} iterations (tol {args.tol}); raise --max-iter or --tol")
+            _say(
+                args,
+                f"note: not converged after {gm.n_iter_} iterations (tol {args.tol}); "
+                "raise --max-iter or --tol",
+            )
         elif "checkpoint" in str(w.message):
             _say(args, f"warning: {w.message}")
     return gm, time.perf_counter() - start
@@ -184,7 +214,12 @@ def _summary(gm: GaussianMixture) -> dict[str, Any]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    open_array(args.data, args.array)  # bad input fails here, before a cluster starts
+    X = open_array(args.data, args.array)  # bad input fails here, before a cluster starts
+    if X.shape[0] < args.n_components:
+        raise DataError(
+            f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
+            f"{args.n_components}; use fewer components or more data."
+        )
     check_output(args.output)
     if args.restart and args.checkpoint_dir:
         discard(args.checkpoint_dir)
@@ -193,52 +228,78 @@ def cmd_fit(args: argparse.Namespace) -> int:
     with _cluster(args):
         gm, seconds = _fit(args, args.data, args.array, args.checkpoint_dir)
         gm.save(args.output)
-    summary = {**_summary(gm), "seconds": round(seconds, 3), "model": args.output, "checkpoint_dir": args.checkpoint_dir}
+    summary = {
+        **_summary(gm),
+        "seconds": round(seconds, 3),
+        "model": args.output,
+        "checkpoint_dir": args.checkpoint_dir,
+    }
     if args.json:
         _print_json(summary)
     else:
         state = "converged" if gm.converged_ else "not converged"
-        print(f"{state} after {gm.n_iter_} iterations ({gm.n_passes_} passes, {seconds:.1f} s): lower bound {gm.lower_bound_:.8g}; model written to {args.output}")
+        print(
+            f"{state} after {gm.n_iter_} iterations ({gm.n_passes_} passes, {seconds:.1f} s): "
+            f"lower bound {gm.lower_bound_:.8g}; model written to {args.output}"
+        )
     return 0
 
 
 # ---------------------------------------------------------------------- predict/score
-def cmd_predict(args: argparse.Namespace) -> int:
+def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
+    """The model of ``args.model`` and the data of ``args.data``, checked to match."""
     gm = load_model(args.model)
     X = open_array(args.data, args.array)
     if X.shape[1] != gm.n_features_in_:
-        raise DataError(f"{args.data} has {X.shape[1]} features but the model was fitted on {gm.n_features_in_}; use data with the same features.")
+        raise DataError(
+            f"{args.data} has {X.shape[1]} features but the model was fitted on "
+            f"{gm.n_features_in_}; use data with the same features."
+        )
+    return gm, X
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    gm, X = _model_and_data(args)
     check_output(args.output)
     with _cluster(args):
         start = time.perf_counter()
         out = gm.predict_proba(X) if args.proba else gm.predict(X)
-        store_array(out, args.output, {"model": str(args.model), "kind": "predict_proba" if args.proba else "predict"})
-    _say(args, f"wrote {'responsibilities' if args.proba else 'labels'} of {X.shape[0]} rows to {args.output} in {time.perf_counter() - start:.1f} s")
+        store_array(
+            out,
+            args.output,
+            {"model": str(args.model), "kind": "predict_proba" if args.proba else "predict"},
+        )
+    _say(
+        args,
+        f"wrote {'responsibilities' if args.proba else 'labels'} of {X.shape[0]} rows to "
+        f"{args.output} in {time.perf_counter() - start:.1f} s",
+    )
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    gm = load_model(args.model)
-    X = open_array(args.data, args.array)
-    if X.shape[1] != gm.n_features_in_:
-        raise DataError(f"{args.data} has {X.shape[1]} features but the model was fitted on {gm.n_features_in_}; use data with the same features.")
+    gm, X = _model_and_data(args)
     with _cluster(args):
         mean = float(gm.score_samples(X).mean().compute())
     n = int(X.shape[0])
     p = n_parameters(gm.n_components, int(gm.n_features_in_), gm.covariance_type)
-    _print_json({
-        "mean_log_likelihood": mean,
-        "bic": -2 * mean * n + p * math.log(n),
-        "aic": -2 * mean * n + 2 * p,
-        "n_samples": n,
-    })
+    _print_json(
+        {
+            "mean_log_likelihood": mean,
+            "bic": -2 * mean * n + p * math.log(n),
+            "aic": -2 * mean * n + 2 * p,
+            "n_samples": n,
+        }
+    )
     return 0
 
 
 # -------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if (path / MANIFEST).exists() or path.name.startswith("state-"):
+    if path.name.startswith("state-") and (path / "state.json").exists():
+        path = path.parent  # a state directory: describe its checkpoint
+    if (path / MANIFEST).exists() or any(path.glob("state-*")):
         loaded = Checkpoint(path, {}).load(check_fingerprint=False)
         if loaded is None:
             raise DataError(f"{args.path} holds no checkpoint state.")
@@ -248,39 +309,43 @@ def cmd_info(args: argparse.Namespace) -> int:
             run = state.best
         assert run is not None
         hyper = loaded.fingerprint.get("hyper_parameters", {})
-        _print_json({
-            "kind": "checkpoint",
-            "n_components": run.params.n_components,
-            "covariance_type": run.params.covariance_type,
-            "n_features": run.params.n_features,
-            "n_iter": run.n_iter,
-            "converged": run.converged,
-            "lower_bound": _finite(run.lower_bound),
-            "lower_bounds": [_finite(b) for b in run.lower_bounds],
-            "n_passes": loaded.n_passes,
-            "done": state.done,
-            "init_index": state.init_index,
-            "n_init": len(state.seeds),
-            "hyper_parameters": hyper,
-            "data": loaded.fingerprint.get("data"),
-            "skipped_damaged_states": loaded.skipped,
-        })
+        _print_json(
+            {
+                "kind": "checkpoint",
+                "n_components": run.params.n_components,
+                "covariance_type": run.params.covariance_type,
+                "n_features": run.params.n_features,
+                "n_iter": run.n_iter,
+                "converged": run.converged,
+                "lower_bound": _finite(run.lower_bound),
+                "lower_bounds": [_finite(b) for b in run.lower_bounds],
+                "n_passes": loaded.n_passes,
+                "done": state.done,
+                "init_index": state.init_index,
+                "n_init": len(state.seeds),
+                "hyper_parameters": hyper,
+                "data": loaded.fingerprint.get("data"),
+                "skipped_damaged_states": loaded.skipped,
+            }
+        )
         return 0
     params, attrs = read_model(args.path)
-    _print_json({
-        "kind": "model",
-        "n_components": params.n_components,
-        "covariance_type": params.covariance_type,
-        "n_features": params.n_features,
-        "n_iter": attrs.get("n_iter"),
-        "converged": attrs.get("converged"),
-        "lower_bound": attrs.get("lower_bound"),
-        "lower_bounds": attrs.get("lower_bounds"),
-        "n_passes": attrs.get("n_passes"),
-        "hyper_parameters": attrs.get("hyper_parameters"),
-        "dask_em_version": attrs.get("dask_em_version"),
-        "weights": params.weights,
-    })
+    _print_json(
+        {
+            "kind": "model",
+            "n_components": params.n_components,
+            "covariance_type": params.covariance_type,
+            "n_features": params.n_features,
+            "n_iter": attrs.get("n_iter"),
+            "converged": attrs.get("converged"),
+            "lower_bound": attrs.get("lower_bound"),
+            "lower_bounds": attrs.get("lower_bounds"),
+            "n_passes": attrs.get("n_passes"),
+            "hyper_parameters": attrs.get("hyper_parameters"),
+            "dask_em_version": attrs.get("dask_em_version"),
+            "weights": params.weights,
+        }
+    )
     return 0
 
 
@@ -295,17 +360,30 @@ def _match(true_means: np.ndarray, fitted_means: np.ndarray) -> np.ndarray:
 def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data, model, labels, ckpt = (workdir / n for n in ("data.zarr", "model.zarr", "labels.zarr", "checkpoint"))
+    data, model, labels, ckpt = (
+        workdir / n for n in ("data.zarr", "model.zarr", "labels.zarr", "checkpoint")
+    )
     n, d, k, seed = args.n_samples, args.n_features, args.n_components, args.seed
     discard(ckpt)
     with _cluster(args):
         t0 = time.perf_counter()
         truth = generate(str(data), n, d, k, seed, args.chunk_rows)
         t1 = time.perf_counter()
-        _say(args, f"generated {n} x {d} rows ({n * d * 8 / 2**20:.0f} MiB) in {data} in {t1 - t0:.1f} s; fitting {k} components")
+        _say(
+            args,
+            f"generated {n} x {d} rows ({n * d * 8 / 2**20:.0f} MiB) in {data} in "
+            f"{t1 - t0:.1f} s; fitting {k} components",
+        )
         fit_args = argparse.Namespace(
-            n_components=k, covariance_type="full", tol=1e-3, reg_covar=1e-6, max_iter=100,
-            n_init=1, init_params="kmeans", seed=seed, quiet=args.quiet,
+            n_components=k,
+            covariance_type="full",
+            tol=1e-3,
+            reg_covar=1e-6,
+            max_iter=100,
+            n_init=1,
+            init_params="kmeans",
+            seed=seed,
+            quiet=args.quiet,
         )
         gm, fit_seconds = _fit(fit_args, str(data), None, str(ckpt))
         gm.save(model)
@@ -320,13 +398,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         agreement = float((predicted == true_labels).mean().compute())
         t3 = time.perf_counter()
     fitted_w, fitted_m = gm.weights_[order], gm.means_[order]
-    print(f"dask-em demo: {n:,} rows x {d} features, {k} full-covariance components, workdir {workdir}")
-    print(f"  generate {t1 - t0:6.1f} s   fit {fit_seconds:6.1f} s ({gm.n_iter_} iterations, {gm.n_passes_} passes, "
-          f"{'converged' if gm.converged_ else 'not converged'})   predict+check {t3 - t2:6.1f} s")
-    print(f"  lower bound {gm.lower_bound_:.6f}; labels agree with the true components on {100 * agreement:.3f}% of rows")
+    print(
+        f"dask-em demo: {n:,} rows x {d} features, {k} full-covariance components, workdir {workdir}"
+    )
+    print(
+        f"  generate {t1 - t0:6.1f} s   fit {fit_seconds:6.1f} s ({gm.n_iter_} iterations, {gm.n_passes_} passes, "
+        f"{'converged' if gm.converged_ else 'not converged'})   predict+check {t3 - t2:6.1f} s"
+    )
+    print(
+        f"  lower bound {gm.lower_bound_:.6f}; labels agree with the true components on {100 * agreement:.3f}% of rows"
+    )
     print("  component  true weight  fitted weight  max |fitted mean - true mean|")
     for j in range(k):
-        print(f"  {j:9d}  {truth.weights[j]:11.4f}  {fitted_w[j]:13.4f}  {np.max(np.abs(fitted_m[j] - truth.means[j])):29.4f}")
+        print(
+            f"  {j:9d}  {truth.weights[j]:11.4f}  {fitted_w[j]:13.4f}  {np.max(np.abs(fitted_m[j] - truth.means[j])):29.4f}"
+        )
     print(f"  model: {model}   labels: {labels}   checkpoint: {ckpt}")
     return 0
 
@@ -334,9 +420,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``dask-em`` argument parser (sub-commands generate, fit, predict, score, info, demo)."""
-    parser = _Parser(prog="dask-em", description="Out-of-core EM for Gaussian mixtures on Zarr data with Dask.")
+    parser = _Parser(
+        prog="dask-em", description="Out-of-core EM for Gaussian mixtures on Zarr data with Dask."
+    )
     parser.add_argument("--version", action="version", version=f"dask-em {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, metavar="COMMAND"
+    )
 
     p = sub.add_parser("generate", help="write a synthetic mixture dataset to a Zarr array")
     p.add_argument("out", metavar="OUT.zarr")
@@ -350,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fit", help="fit a Gaussian mixture to a Zarr array")
-    p.add_argument("data", metavar="DATA", help="path or URL of a Zarr array (or group, with --array)")
+    p.add_argument(
+        "data", metavar="DATA", help="path or URL of a Zarr array (or group, with --array)"
+    )
     p.add_argument("--array", metavar="NAME", help="array inside a Zarr group")
     p.add_argument("--n-components", type=_positive_int, required=True)
     p.add_argument("--output", required=True, metavar="MODEL.zarr")
@@ -361,8 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-params", choices=list(INITIALIZERS), default="kmeans")
     p.add_argument("--n-init", type=_positive_int, default=1)
     p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
-    p.add_argument("--acceleration", choices=["squarem"], help="SQUAREM extrapolation (fewer passes)")
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="save state every iteration; rerun to resume")
+    p.add_argument(
+        "--acceleration", choices=["squarem"], help="SQUAREM extrapolation (fewer passes)"
+    )
+    p.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="save state every iteration; rerun to resume"
+    )
     p.add_argument("--restart", action="store_true", help="discard the checkpoint and start over")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -374,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA")
     p.add_argument("--array", metavar="NAME")
     p.add_argument("--output", required=True, metavar="OUT.zarr")
-    p.add_argument("--proba", action="store_true", help="write responsibilities (n, K) instead of labels")
+    p.add_argument(
+        "--proba", action="store_true", help="write responsibilities (n, K) instead of labels"
+    )
     p.add_argument("--quiet", action="store_true")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
@@ -391,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="MODEL.zarr|CHECKPOINT_DIR")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("demo", help="generate, fit (checkpointed), predict and report on a local cluster")
+    p = sub.add_parser(
+        "demo", help="generate, fit (checkpointed), predict and report on a local cluster"
+    )
     p.add_argument("--workdir", default="dask-em-demo", metavar="DIR")
     p.add_argument("--n-samples", type=_positive_int, default=DEMO_SIZE["n_samples"])
     p.add_argument("--n-features", type=_positive_int, default=DEMO_SIZE["n_features"])
@@ -418,7 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception:
         traceback.print_exc()
-        print(f"dask-em {args.command}: internal error (a bug: please report it with the traceback above)", file=sys.stderr)
+        print(
+            f"dask-em {args.command}: internal error (a bug: please report it with the traceback above)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -232,7 +232,9 @@ def run_squarem(
         r3, change3 = em_step(e_step, from_candidate, tol, reg_covar)
         accepted = r3.lower_bound >= r2.lower_bound
         if callback is not None:
-            note = "" if accepted else "extrapolation rejected (lower bound fell); continuing from EM"
+            note = (
+                "" if accepted else "extrapolation rejected (lower bound fell); continuing from EM"
+            )
             callback(Iteration(r2, change2, seconds2, not accepted, note))
         if accepted:
             report(r3, change3, began, True, "extrapolated")
@@ -334,7 +336,9 @@ def fit_restarts(
             if on_state is not None and it.resumable:
                 on_state(FitState(state.seeds, index, it.result, best))
 
-        result = run(e_step, current, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step)
+        result = run(
+            e_step, current, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step
+        )
         best = better(best, result)
     assert best is not None
     if on_state is not None:

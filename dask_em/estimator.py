@@ -193,7 +193,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 X = X.astype(np.float64)
             self._check_n_features(X.shape[1], reset=reset)
             return X
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=reset, ensure_min_samples=1)
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], reset=reset, ensure_min_samples=1
+        )
         rows = max(1, _NUMPY_CHUNK_BYTES // (X.shape[1] * X.itemsize))
         return da.from_array(X, chunks=(rows, -1))
 
@@ -218,11 +220,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if w.ndim == 0:
                 w = np.full(X.shape[0], float(w))
             if w.ndim == 1 and not np.all(np.isfinite(w)):
-                raise ValueError("sample_weight contains NaN or infinite values; pass finite weights.")
+                raise ValueError(
+                    "sample_weight contains NaN or infinite values; pass finite weights."
+                )
             if w.ndim == 1 and np.any(w < 0):
                 raise ValueError("sample_weight has negative values; weights must be >= 0.")
             if w.ndim == 1 and w.sum() <= 0:
-                raise ValueError("sample_weight sums to zero; at least one row needs a positive weight.")
+                raise ValueError(
+                    "sample_weight sums to zero; at least one row needs a positive weight."
+                )
         if w.ndim != 1 or w.shape[0] != X.shape[0]:
             raise ValueError(
                 f"sample_weight.shape == {tuple(w.shape)}, expected ({X.shape[0]},): "
@@ -262,8 +268,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 f"{self.n_components}, n_samples = {n_samples}"
             )
         inits = check_init_arrays(
-            self.weights_init, self.means_init, self.precisions_init,
-            self.n_components, n_features, self.covariance_type,
+            self.weights_init,
+            self.means_init,
+            self.precisions_init,
+            self.n_components,
+            n_features,
+            self.covariance_type,
         )
         data = RowData(Xd, self._as_sample_weight(sample_weight, Xd), self.split_every)
         checkpoint = self._checkpoint(data, inits)
@@ -274,11 +284,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if loaded is not None:
             state, passes_before = loaded.state, loaded.n_passes
             for reason in loaded.skipped:
-                warnings.warn(f"checkpoint state {reason}; resuming from an older state", stacklevel=2)
+                warnings.warn(
+                    f"checkpoint state {reason}; resuming from an older state", stacklevel=2
+                )
             if self.verbose >= 1:
                 where = "finished fit" if state.done else f"initialization {state.init_index}"
                 n_iter = state.current.n_iter if state.current is not None else 0
-                print(f"Resuming {where} at iteration {n_iter} from {self.checkpoint_dir}", file=sys.stderr)
+                print(
+                    f"Resuming {where} at iteration {n_iter} from {self.checkpoint_dir}",
+                    file=sys.stderr,
+                )
         else:
             random_state = check_random_state(self.random_state)
             n_init = self.n_init if do_init else 1
@@ -291,8 +306,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if self.verbose >= 1:
                 print(f"Initialization with seed {seed}", file=sys.stderr)
             params = initialize(
-                data, self.n_components, self.covariance_type, self.reg_covar,
-                self.init_params, seed, *inits,
+                data,
+                self.n_components,
+                self.covariance_type,
+                self.reg_covar,
+                self.init_params,
+                seed,
+                *inits,
             )
             return EMResult(params)
 
@@ -354,7 +374,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if it.n_iter % self.verbose_interval == 0 or it.converged or it.n_iter == self.max_iter:
             print(
                 f"iteration {it.n_iter:4d}  lower bound {it.lower_bound: .10g}  "
-                f"change {it.change: .3e}  {it.seconds:.2f} s" + (f"  ({it.note})" if it.note else ""),
+                f"change {it.change: .3e}  {it.seconds:.2f} s"
+                + (f"  ({it.note})" if it.note else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -374,7 +395,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """The fitted parameters as a `GMMParams`."""
         check_is_fitted(self)
         return GMMParams(
-            self.weights_, self.means_, self.covariances_, self.precisions_cholesky_, self.covariance_type
+            self.weights_,
+            self.means_,
+            self.covariances_,
+            self.precisions_cholesky_,
+            self.covariance_type,
         )
 
     # -------------------------------------------------------------- inference
@@ -459,7 +484,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """Write the fitted model as a Zarr group (no pickle); see `load_model`."""
         params = self._params()
         hyper = {
-            k: v for k, v in self.get_params().items()
+            k: v
+            for k, v in self.get_params().items()
             if isinstance(v, bool | int | float | str) or v is None
         }
         if not isinstance(self.random_state, int | type(None)):

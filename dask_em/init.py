@@ -40,7 +40,9 @@ LLOYD_TOL = 1e-4
 _LOCAL_LLOYD_ITER = 50
 
 
-def _scaled_identity(covariance_type: str, n_components: int, n_features: int, value: float) -> np.ndarray:
+def _scaled_identity(
+    covariance_type: str, n_components: int, n_features: int, value: float
+) -> np.ndarray:
     """Covariances equal to ``value * I`` for every component."""
     shape = covariance_shape(covariance_type, n_components, n_features)
     if covariance_type in ("full", "tied"):
@@ -146,9 +148,7 @@ def init_random(
 ) -> GMMParams:
     """Uniformly random responsibilities, normalized per row (one pass)."""
     shift = np.repeat(data.read_rows(np.array([0])), n_components, axis=0)
-    stats = data.map_reduce(
-        kernels.random_resp_chunk, seed, n_components, shift, covariance_type
-    )
+    stats = data.map_reduce(kernels.random_resp_chunk, seed, n_components, shift, covariance_type)
     return m_step(stats, shift, reg_covar, covariance_type)
 
 

@@ -33,7 +33,9 @@ def _describe(source: Any) -> str:
     return str(source) if isinstance(source, str | os.PathLike) else type(source).__name__
 
 
-def open_array(source: str | os.PathLike[str] | zarr.Array | zarr.Group, array: str | None = None) -> da.Array:
+def open_array(
+    source: str | os.PathLike[str] | zarr.Array | zarr.Group, array: str | None = None
+) -> da.Array:
     """Open a 2-D numeric Zarr array as a lazy Dask array.
 
     Parameters
@@ -83,7 +85,9 @@ def open_array(source: str | os.PathLike[str] | zarr.Array | zarr.Group, array: 
     elif array is not None and isinstance(source, str | os.PathLike):
         raise DataError(f"{_describe(source)!r} is a Zarr array, not a group; drop --array.")
     if not isinstance(node, zarr.Array):
-        raise DataError(f"{_describe(source)!r} is not a Zarr array; pass the path of a Zarr array.")
+        raise DataError(
+            f"{_describe(source)!r} is not a Zarr array; pass the path of a Zarr array."
+        )
     check_data_shape_dtype(node.shape, node.dtype, _describe(source))
     return as_row_chunked(da.from_zarr(node))
 
@@ -102,7 +106,9 @@ def check_data_shape_dtype(shape: tuple[int, ...], dtype: Any, name: str = "data
             "store the data as float32 or float64."
         )
     if shape[0] < 1 or shape[1] < 1:
-        raise DataError(f"{name} has shape {tuple(shape)}; it needs at least one row and one feature.")
+        raise DataError(
+            f"{name} has shape {tuple(shape)}; it needs at least one row and one feature."
+        )
 
 
 def _is_dask_em_output(path: Path) -> bool:
@@ -198,9 +204,7 @@ def write_model(path: str | os.PathLike[str], params: GMMParams, attrs: dict[str
         group = zarr.open_group(str(tmp), mode="w")
         for name in _MODEL_ARRAYS:
             group.create_array(name, data=np.asarray(getattr(params, name), dtype=np.float64))
-        clean = {
-            k: (_json_float(v) if isinstance(v, float) else v) for k, v in attrs.items()
-        }
+        clean = {k: (_json_float(v) if isinstance(v, float) else v) for k, v in attrs.items()}
         group.attrs.update(
             {
                 "format": MODEL_FORMAT,
@@ -240,7 +244,9 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
         raise DataError(f"{location!r} is not a dask-em model ({type(err).__name__}).") from None
     attrs = dict(group.attrs)
     if attrs.get("format") != MODEL_FORMAT:
-        raise DataError(f"{location!r} is not a dask-em model (no 'format: {MODEL_FORMAT}' attribute).")
+        raise DataError(
+            f"{location!r} is not a dask-em model (no 'format: {MODEL_FORMAT}' attribute)."
+        )
     if attrs.get("format_version") != MODEL_FORMAT_VERSION:
         raise DataError(
             f"{location!r} has model format version {attrs.get('format_version')!r}; this "
@@ -256,11 +262,17 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
         arrays[name] = np.asarray(group[name][...], dtype=np.float64)
     k, d = arrays["means"].shape
     expected = covariance_shape(cov_type, k, d)
-    if arrays["weights"].shape != (k,) or arrays["covariances"].shape != expected or (
-        arrays["precisions_cholesky"].shape != expected
+    if (
+        arrays["weights"].shape != (k,)
+        or arrays["covariances"].shape != expected
+        or (arrays["precisions_cholesky"].shape != expected)
     ):
         raise DataError(f"{location!r} has arrays of inconsistent shapes; the model is damaged.")
     params = GMMParams(
-        arrays["weights"], arrays["means"], arrays["covariances"], arrays["precisions_cholesky"], cov_type
+        arrays["weights"],
+        arrays["means"],
+        arrays["covariances"],
+        arrays["precisions_cholesky"],
+        cov_type,
     )
     return params, attrs

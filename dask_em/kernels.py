@@ -77,9 +77,11 @@ class _Projection:
         n_components, n_features = means.shape
         prec = np.asarray(precisions_cholesky, dtype=np.float64)
         d = np.asarray(means, dtype=np.float64) - center
-        const = -0.5 * n_features * _LOG_2PI + np.asarray(
-            log_det_cholesky(prec, covariance_type, n_features)
-        ) + log_weights
+        const = (
+            -0.5 * n_features * _LOG_2PI
+            + np.asarray(log_det_cholesky(prec, covariance_type, n_features))
+            + log_weights
+        )
         lin = None
         if covariance_type == "full":
             A = prec.transpose(0, 2, 1).reshape(n_components * n_features, n_features)
@@ -88,7 +90,11 @@ class _Projection:
             A = prec.T
             b = (d @ prec)[:, :, None]
         else:
-            p2 = prec**2 if covariance_type == "diag" else np.repeat((prec**2)[:, None], n_features, axis=1)
+            p2 = (
+                prec**2
+                if covariance_type == "diag"
+                else np.repeat((prec**2)[:, None], n_features, axis=1)
+            )
             A = p2
             b = -2.0 * d * p2
             lin = np.sum(d * d * p2, axis=1)[:, None].astype(dtype)
@@ -108,8 +114,12 @@ class _Projection:
         with np.errstate(divide="ignore"):
             log_weights = np.log(params.weights)
         return cls.build(
-            params.means, params.precisions_cholesky, params.covariance_type,
-            log_weights, params.weights @ params.means, dtype,
+            params.means,
+            params.precisions_cholesky,
+            params.covariance_type,
+            log_weights,
+            params.weights @ params.means,
+            dtype,
         )
 
     def centered(self, X: np.ndarray, start: int) -> np.ndarray:
@@ -158,8 +168,12 @@ def log_gaussian_prob(
     """
     means = np.asarray(means, dtype=np.float64)
     proj = _Projection.build(
-        means, precisions_cholesky, covariance_type,
-        np.zeros(means.shape[0]), means.mean(axis=0), X.dtype,
+        means,
+        precisions_cholesky,
+        covariance_type,
+        np.zeros(means.shape[0]),
+        means.mean(axis=0),
+        X.dtype,
     )
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
     for start in range(0, X.shape[0], BLOCK_ROWS):
@@ -265,6 +279,22 @@ def _check_finite(X: np.ndarray, values: np.ndarray, chunk_index: int) -> None:
     )
 
 
+def _check_weights(sample_weight: np.ndarray | None, chunk_index: int) -> None:
+    """Raise DataError naming the chunk if its sample weights are negative or not finite.
+
+    In-memory weights are validated by the estimator; lazy (Dask) weights only reach
+    the chunks, where a bad weight would otherwise surface as a misleading numerical error.
+    """
+    if sample_weight is None:
+        return
+    bad = int(np.count_nonzero(~(np.isfinite(sample_weight) & (sample_weight >= 0))))
+    if bad:
+        raise DataError(
+            f"chunk {chunk_index} has {bad} sample weight(s) that are negative, NaN or "
+            "infinite; weights must be finite and >= 0."
+        )
+
+
 def em_chunk(
     X: np.ndarray,
     sample_weight: np.ndarray | None,
@@ -287,8 +317,10 @@ def em_chunk(
     Raises
     ------
     DataError
-        If the chunk holds NaN or infinite values (the message names the chunk).
+        If the chunk holds NaN or infinite values, or negative or non-finite sample
+        weights (the message names the chunk).
     """
+    _check_weights(sample_weight, chunk_index)
     n_samples, n_features = X.shape
     n_components = params.n_components
     cov_type = params.covariance_type
@@ -320,7 +352,12 @@ def em_chunk(
     s1 = m1 - nk[:, None] * d
     if cov_type == "full":
         outer = m1[:, :, None] * d[:, None, :]
-        s2 = m2 - outer - np.swapaxes(outer, 1, 2) + nk[:, None, None] * d[:, :, None] * d[:, None, :]
+        s2 = (
+            m2
+            - outer
+            - np.swapaxes(outer, 1, 2)
+            + nk[:, None, None] * d[:, :, None] * d[:, None, :]
+        )
     elif cov_type == "tied":
         cross = m1.T @ d
         s2 = m2 - cross - cross.T + (d.T * nk) @ d
@@ -363,6 +400,7 @@ def random_resp_chunk(
     resp = chunk_rng(seed, 1, chunk_index).uniform(size=(X.shape[0], n_components))
     resp /= resp.sum(axis=1, keepdims=True)
     _check_finite(X, X, chunk_index)
+    _check_weights(sample_weight, chunk_index)
     return _weighted_resp_stats(X, sample_weight, resp, shift, covariance_type)
 
 
@@ -468,6 +506,7 @@ def sample_by_distance_chunk(
     The random stream depends only on ``(seed, stream, chunk_index)``.
     """
     _check_finite(X, X, chunk_index)
+    _check_weights(sample_weight, chunk_index)
     if centers.shape[0]:
         weight, _ = min_sq_distances(X, centers)
     else:

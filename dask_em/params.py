@@ -66,7 +66,13 @@ def _cholesky_upper_precision(covariance: np.ndarray) -> np.ndarray:
         cov_chol = linalg.cholesky(covariance, lower=True)
     except linalg.LinAlgError:
         raise ValueError(ILL_DEFINED_COVARIANCE) from None
-    return linalg.solve_triangular(cov_chol, np.eye(covariance.shape[0]), lower=True).T
+    # LAPACK's triangular inverse, not solve_triangular(cov_chol, I): the latter goes
+    # through multi-threaded BLAS trsm, whose thread wake-ups cost milliseconds per tiny
+    # matrix while Dask's threads keep the cores busy (the M-step dominated the fit).
+    cov_chol_inv, info = linalg.lapack.dtrtri(cov_chol, lower=1)
+    if info != 0:
+        raise ValueError(ILL_DEFINED_COVARIANCE)
+    return cov_chol_inv.T
 
 
 def precisions_cholesky_from_covariances(
@@ -112,9 +118,7 @@ def precisions_cholesky_from_precisions(precisions: np.ndarray, covariance_type:
     """
     precisions = np.asarray(precisions, dtype=np.float64)
     if covariance_type == "full":
-        return np.stack(
-            [_flipudlr(linalg.cholesky(_flipudlr(p), lower=True)) for p in precisions]
-        )
+        return np.stack([_flipudlr(linalg.cholesky(_flipudlr(p), lower=True)) for p in precisions])
     if covariance_type == "tied":
         return _flipudlr(linalg.cholesky(_flipudlr(precisions), lower=True))
     return np.sqrt(precisions)
@@ -251,7 +255,10 @@ class GMMParams:
     def flat(self) -> np.ndarray:
         """All parameters as one float64 vector (for comparisons and checksums)."""
         return np.concatenate(
-            [a.ravel() for a in (self.weights, self.means, self.covariances, self.precisions_cholesky)]
+            [
+                a.ravel()
+                for a in (self.weights, self.means, self.covariances, self.precisions_cholesky)
+            ]
         )
 
 

@@ -144,7 +144,9 @@ class RowData:
         fn = dask.delayed(chunk_fn, pure=True)
         parts = [
             fn(xb, wb, i, start, *shared)
-            for i, (xb, wb, start) in enumerate(zip(x_blocks, w_blocks, self.row_starts, strict=True))
+            for i, (xb, wb, start) in enumerate(
+                zip(x_blocks, w_blocks, self.row_starts, strict=True)
+            )
         ]
         combine = dask.delayed(_sum, pure=True)
         while len(parts) > 1:

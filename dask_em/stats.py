@@ -22,12 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dask_em.errors import DataError
 from dask_em.params import GMMParams, check_covariance_type
 
 _EPS = 10.0 * np.finfo(np.float64).eps  # added to n_k exactly as scikit-learn does
 
 
-def second_moment_shape(covariance_type: str, n_components: int, n_features: int) -> tuple[int, ...]:
+def second_moment_shape(
+    covariance_type: str, n_components: int, n_features: int
+) -> tuple[int, ...]:
     """Shape of ``s2`` for a covariance type.
 
     ``full``: (K, D, D); ``tied``: (D, D) (summed over components); ``diag`` and
@@ -107,7 +110,15 @@ class SuffStats:
 
     @property
     def mean_loglik(self) -> float:
-        """Weighted mean log-likelihood per sample (scikit-learn's lower bound)."""
+        """Weighted mean log-likelihood per sample (scikit-learn's lower bound).
+
+        Raises
+        ------
+        DataError
+            If the weights sum to zero (lazy weights are only seen here).
+        """
+        if not self.weight_sum > 0.0:
+            raise DataError("sample_weight sums to zero; at least one row needs a positive weight.")
         return self.loglik / self.weight_sum
 
 
