@@ -18,6 +18,7 @@ tie-breaking).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,30 +123,76 @@ class _Projection:
             dtype,
         )
 
-    def centered(self, X: np.ndarray, start: int) -> np.ndarray:
-        """Rows ``start:start+BLOCK_ROWS`` of ``X`` minus ``c0``, transposed: shape (D, m)."""
-        return (X[start : start + BLOCK_ROWS] - self.c0).T.copy()
+    def workspace(self, rows: int) -> _Workspace:
+        """Buffers for blocks of ``rows`` rows, reused block after block.
 
-    def log_prob(self, xt: np.ndarray) -> np.ndarray:
-        """Weighted log-densities of a centered, transposed block ``xt`` (D, m): shape (K, m)."""
+        Reusing them matters beyond allocation cost: Dask's worker processes run with
+        ``MALLOC_TRIM_THRESHOLD_`` set, under which glibc maps and unmaps every large
+        temporary, and fresh pages made the kernel about 4x slower.
+        """
+        n_components, dtype = self.const.shape[0], self.c0.dtype
+        n_features = self.c0.shape[0]
+        y_shape = {
+            "full": (n_components * n_features, rows),
+            "tied": (n_components, n_features, rows),
+        }.get(self.covariance_type, (n_components, rows))
+        return _Workspace(
+            rows,
+            np.empty((n_features, rows), dtype),
+            np.empty((n_features, rows), dtype),
+            np.empty(y_shape, dtype),
+            np.empty((n_components, rows), dtype),
+            np.empty((3, rows), dtype),
+        )
+
+    def centered(self, X: np.ndarray, start: int, ws: _Workspace) -> np.ndarray:
+        """Rows ``start:start+ws.rows`` of ``X`` minus ``c0``, transposed into ``ws.xt`` (D, m)."""
+        np.subtract(X[start : start + ws.rows].T, self.c0[:, None], out=ws.xt)
+        return ws.xt
+
+    def log_prob(self, xt: np.ndarray, ws: _Workspace) -> np.ndarray:
+        """Weighted log-densities of a centered, transposed block ``xt`` (D, m), into ``ws.lp`` (K, m)."""
         n_components = self.const.shape[0]
         m = xt.shape[1]
+        lp = ws.lp
         if self.covariance_type == "full":
-            y = self.A @ xt
+            y = np.matmul(self.A, xt, out=ws.y)
             y -= self.b
             y *= y
-            maha = y.reshape(n_components, -1, m).sum(axis=1)
+            np.sum(y.reshape(n_components, -1, m), axis=1, out=lp)
         elif self.covariance_type == "tied":
-            y = (self.A @ xt)[None] - self.b
+            np.matmul(self.A, xt, out=ws.tmp)
+            y = np.subtract(ws.tmp[None], self.b, out=ws.y)
             y *= y
-            maha = y.sum(axis=1)
+            np.sum(y, axis=1, out=lp)
         else:
-            maha = self.A @ (xt * xt)
-            maha += self.b @ xt
-            maha += self.lin
-        maha *= -0.5
-        maha += self.const
-        return maha
+            np.multiply(xt, xt, out=ws.tmp)
+            np.matmul(self.A, ws.tmp, out=lp)
+            lp += np.matmul(self.b, xt, out=ws.y)
+            lp += self.lin
+        lp *= -0.5
+        lp += self.const
+        return lp
+
+
+@dataclass(frozen=True)
+class _Workspace:
+    """Per-chunk buffers of `_Projection` for blocks of ``rows`` rows (see `_Projection.workspace`)."""
+
+    rows: int
+    xt: np.ndarray  # (D, m) centered block, transposed
+    tmp: np.ndarray  # (D, m) scratch
+    y: np.ndarray  # projections: full (K*D, m), tied (K, D, m), diag/spherical (K, m)
+    lp: np.ndarray  # (K, m) log-densities, then responsibilities
+    rows3: np.ndarray  # (3, m): per-row max, total, log-likelihood
+
+
+def _blocks(n_rows: int, proj: _Projection) -> Iterator[tuple[int, _Workspace]]:
+    """``(start, workspace)`` for each block of a chunk; one workspace serves all full blocks."""
+    full = proj.workspace(min(BLOCK_ROWS, n_rows)) if n_rows else None
+    for start in range(0, n_rows, BLOCK_ROWS):
+        rows = min(BLOCK_ROWS, n_rows - start)
+        yield start, (full if full is not None and rows == full.rows else proj.workspace(rows))
 
 
 def log_gaussian_prob(
@@ -176,25 +223,28 @@ def log_gaussian_prob(
         X.dtype,
     )
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
-    for start in range(0, X.shape[0], BLOCK_ROWS):
-        out[start : start + BLOCK_ROWS] = proj.log_prob(proj.centered(X, start)).T
+    for start, ws in _blocks(X.shape[0], proj):
+        out[start : start + ws.rows] = proj.log_prob(proj.centered(X, start, ws), ws).T
     return out
 
 
-def _log_normalize(log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _log_normalize(log_prob: np.ndarray, ws: _Workspace) -> tuple[np.ndarray, np.ndarray]:
     """Log-sum-exp over components of a (K, m) block, in place.
 
     Returns ``(norm (m,), resp (K, m))`` where ``resp`` is ``log_prob`` overwritten by
-    the responsibilities ``exp(log_prob - norm)``.
+    the responsibilities ``exp(log_prob - norm)``; both live in ``ws``.
     """
-    top = log_prob.max(axis=0)
+    top, total, norm = ws.rows3
+    np.max(log_prob, axis=0, out=top)
     top[~np.isfinite(top)] = 0.0  # a row with every density -inf stays -inf, not NaN
     log_prob -= top
     resp = np.exp(log_prob, out=log_prob)
-    total = resp.sum(axis=0)
+    np.sum(resp, axis=0, out=total)
     with np.errstate(divide="ignore", invalid="ignore"):
         resp /= total
-        return top + np.log(total), resp
+        np.log(total, out=norm)
+    norm += top
+    return norm, resp
 
 
 def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndarray]:
@@ -215,12 +265,14 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     proj = _Projection.of(params, X.dtype)
     norm = np.empty(X.shape[0], dtype=X.dtype)
     log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
-    for start in range(0, X.shape[0], BLOCK_ROWS):
-        lp = proj.log_prob(proj.centered(X, start))
-        block_norm, _ = _log_normalize(lp.copy())
-        norm[start : start + BLOCK_ROWS] = block_norm
+    for start, ws in _blocks(X.shape[0], proj):
+        lp = proj.log_prob(proj.centered(X, start, ws), ws)
+        top = np.max(lp, axis=0)
+        top[~np.isfinite(top)] = 0.0
+        block_norm = top + np.log(np.exp(lp - top).sum(axis=0))
+        norm[start : start + ws.rows] = block_norm
         with np.errstate(invalid="ignore"):
-            log_resp[start : start + BLOCK_ROWS] = (lp - block_norm).T
+            log_resp[start : start + ws.rows] = (lp - block_norm).T
     return norm, log_resp
 
 
@@ -329,25 +381,25 @@ def em_chunk(
     m1 = np.zeros((n_components, n_features))
     m2 = np.zeros(second_moment_shape(cov_type, n_components, n_features))
     loglik = 0.0
-    for start in range(0, n_samples, BLOCK_ROWS):
-        xt = proj.centered(X, start)
-        norm, resp = _log_normalize(proj.log_prob(xt))
-        _check_finite(X[start : start + BLOCK_ROWS], norm, chunk_index)
+    for start, ws in _blocks(n_samples, proj):
+        xt = proj.centered(X, start, ws)
+        norm, resp = _log_normalize(proj.log_prob(xt, ws), ws)
+        _check_finite(X[start : start + ws.rows], norm, chunk_index)
         if sample_weight is None:
             loglik += norm.sum(dtype=np.float64)
         else:
-            w = sample_weight[start : start + BLOCK_ROWS]
+            w = sample_weight[start : start + ws.rows]
             resp *= w.astype(resp.dtype, copy=False)
             loglik += float(norm.astype(np.float64) @ w.astype(np.float64))
         nk += resp.sum(axis=1, dtype=np.float64)
         m1 += resp @ xt.T
         if cov_type == "full":
             for k in range(n_components):
-                m2[k] += (xt * resp[k]) @ xt.T
+                m2[k] += np.multiply(xt, resp[k], out=ws.tmp) @ xt.T
         elif cov_type == "tied":
-            m2 += (xt * resp.sum(axis=0)) @ xt.T
+            m2 += np.multiply(xt, np.sum(resp, axis=0, out=ws.rows3[0]), out=ws.tmp) @ xt.T
         else:
-            m2 += resp @ (xt * xt).T
+            m2 += resp @ np.multiply(xt, xt, out=ws.tmp).T
     d = proj.d
     s1 = m1 - nk[:, None] * d
     if cov_type == "full":
