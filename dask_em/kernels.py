@@ -18,7 +18,7 @@ tie-breaking).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,12 +187,86 @@ class _Workspace:
     rows3: np.ndarray  # (3, m): per-row max, total, log-likelihood
 
 
-def _blocks(n_rows: int, proj: _Projection) -> Iterator[tuple[int, _Workspace]]:
+def _blocks(
+    n_rows: int, workspace: Callable[[int], _Workspace]
+) -> Iterator[tuple[int, _Workspace]]:
     """``(start, workspace)`` for each block of a chunk; one workspace serves all full blocks."""
-    full = proj.workspace(min(BLOCK_ROWS, n_rows)) if n_rows else None
+    full = workspace(min(BLOCK_ROWS, n_rows)) if n_rows else None
     for start in range(0, n_rows, BLOCK_ROWS):
         rows = min(BLOCK_ROWS, n_rows - start)
-        yield start, (full if full is not None and rows == full.rows else proj.workspace(rows))
+        yield start, (full if full is not None and rows == full.rows else workspace(rows))
+
+
+def _moment_workspace(n_features: int, dtype: np.dtype) -> Callable[[int], _Workspace]:
+    """Workspaces for `moment_stats` and `min_sq_distances` (no log-density buffers)."""
+
+    def make(rows: int) -> _Workspace:
+        empty = np.empty(0, dtype)
+        return _Workspace(
+            rows,
+            np.empty((n_features, rows), dtype),
+            np.empty((n_features, rows), dtype),
+            empty,
+            empty,
+            np.empty((3, rows), dtype),
+        )
+
+    return make
+
+
+def _centered(X: np.ndarray, start: int, center: np.ndarray, ws: _Workspace) -> np.ndarray:
+    """Rows ``start:start+ws.rows`` of ``X`` minus ``center``, transposed into ``ws.xt`` (D, m)."""
+    np.subtract(X[start : start + ws.rows].T, center[:, None], out=ws.xt)
+    return ws.xt
+
+
+def _accumulate(
+    xt: np.ndarray,
+    resp: np.ndarray,
+    ws: _Workspace,
+    moments: tuple[np.ndarray, np.ndarray, np.ndarray],
+    covariance_type: str,
+) -> None:
+    """Add a block's moments about the block's center to ``moments = (nk, m1, m2)``, in place.
+
+    ``xt`` is the centered block (D, m), ``resp`` the weighted responsibilities (K, m).
+    """
+    nk, m1, m2 = moments
+    nk += resp.sum(axis=1, dtype=np.float64)
+    m1 += resp @ xt.T
+    if covariance_type == "full":
+        for k in range(resp.shape[0]):
+            m2[k] += np.multiply(xt, resp[k], out=ws.tmp) @ xt.T
+    elif covariance_type == "tied":
+        m2 += np.multiply(xt, np.sum(resp, axis=0, out=ws.rows3[0]), out=ws.tmp) @ xt.T
+    else:
+        m2 += resp @ np.multiply(xt, xt, out=ws.tmp).T
+
+
+def _shifted(
+    moments: tuple[np.ndarray, np.ndarray, np.ndarray], d: np.ndarray, covariance_type: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Moments about a center ``c0`` moved to the shifts ``c_k = c0 + d_k``: ``(s1, s2)``.
+
+    ``s1_k = m1_k - n_k d_k`` and ``s2_k = m2_k - m1_k d_k^T - d_k m1_k^T + n_k d_k d_k^T``
+    (summed over ``k`` for ``tied``, diagonal only for ``diag``/``spherical``).
+    """
+    nk, m1, m2 = moments
+    s1 = m1 - nk[:, None] * d
+    if covariance_type == "full":
+        outer = m1[:, :, None] * d[:, None, :]
+        s2 = (
+            m2
+            - outer
+            - np.swapaxes(outer, 1, 2)
+            + nk[:, None, None] * d[:, :, None] * d[:, None, :]
+        )
+    elif covariance_type == "tied":
+        cross = m1.T @ d
+        s2 = m2 - cross - cross.T + (d.T * nk) @ d
+    else:
+        s2 = m2 - 2.0 * d * m1 + nk[:, None] * d * d
+    return s1, s2
 
 
 def log_gaussian_prob(
@@ -223,7 +297,7 @@ def log_gaussian_prob(
         X.dtype,
     )
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
-    for start, ws in _blocks(X.shape[0], proj):
+    for start, ws in _blocks(X.shape[0], proj.workspace):
         out[start : start + ws.rows] = proj.log_prob(proj.centered(X, start, ws), ws).T
     return out
 
@@ -265,7 +339,7 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     proj = _Projection.of(params, X.dtype)
     norm = np.empty(X.shape[0], dtype=X.dtype)
     log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
-    for start, ws in _blocks(X.shape[0], proj):
+    for start, ws in _blocks(X.shape[0], proj.workspace):
         lp = proj.log_prob(proj.centered(X, start, ws), ws)
         top = np.max(lp, axis=0)
         top[~np.isfinite(top)] = 0.0
@@ -297,23 +371,20 @@ def moment_stats(
     """
     n_features = X.shape[1]
     n_components = resp.shape[1]
-    dtype = X.dtype
-    shift = np.asarray(shift).astype(dtype, copy=False)
-    resp = resp.astype(dtype, copy=False)
-    nk = resp.sum(axis=0, dtype=np.float64)
-    s1 = np.empty((n_components, n_features))
-    s2 = np.zeros(second_moment_shape(covariance_type, n_components, n_features))
-    for k in range(n_components):
-        diff = X - shift[k]
-        rk = resp[:, k]
-        s1[k] = rk @ diff
-        if covariance_type == "full":
-            s2[k] = (diff * rk[:, None]).T @ diff
-        elif covariance_type == "tied":
-            s2 += (diff * rk[:, None]).T @ diff
-        else:
-            s2[k] = rk @ (diff * diff)
-    return nk, s1, s2
+    shift = np.asarray(shift, dtype=np.float64)
+    center = shift.mean(axis=0)
+    center_x = center.astype(X.dtype)
+    moments = (
+        np.zeros(n_components),
+        np.zeros((n_components, n_features)),
+        np.zeros(second_moment_shape(covariance_type, n_components, n_features)),
+    )
+    for start, ws in _blocks(X.shape[0], _moment_workspace(n_features, X.dtype)):
+        xt = _centered(X, start, center_x, ws)
+        block_resp = np.ascontiguousarray(resp[start : start + ws.rows].T, dtype=X.dtype)
+        _accumulate(xt, block_resp, ws, moments, covariance_type)
+    s1, s2 = _shifted(moments, shift - center, covariance_type)
+    return moments[0], s1, s2
 
 
 def _check_finite(X: np.ndarray, values: np.ndarray, chunk_index: int) -> None:
@@ -377,11 +448,13 @@ def em_chunk(
     n_components = params.n_components
     cov_type = params.covariance_type
     proj = _Projection.of(params, X.dtype)
-    nk = np.zeros(n_components)
-    m1 = np.zeros((n_components, n_features))
-    m2 = np.zeros(second_moment_shape(cov_type, n_components, n_features))
+    moments = (
+        np.zeros(n_components),
+        np.zeros((n_components, n_features)),
+        np.zeros(second_moment_shape(cov_type, n_components, n_features)),
+    )
     loglik = 0.0
-    for start, ws in _blocks(n_samples, proj):
+    for start, ws in _blocks(n_samples, proj.workspace):
         xt = proj.centered(X, start, ws)
         norm, resp = _log_normalize(proj.log_prob(xt, ws), ws)
         _check_finite(X[start : start + ws.rows], norm, chunk_index)
@@ -391,32 +464,10 @@ def em_chunk(
             w = sample_weight[start : start + ws.rows]
             resp *= w.astype(resp.dtype, copy=False)
             loglik += float(norm.astype(np.float64) @ w.astype(np.float64))
-        nk += resp.sum(axis=1, dtype=np.float64)
-        m1 += resp @ xt.T
-        if cov_type == "full":
-            for k in range(n_components):
-                m2[k] += np.multiply(xt, resp[k], out=ws.tmp) @ xt.T
-        elif cov_type == "tied":
-            m2 += np.multiply(xt, np.sum(resp, axis=0, out=ws.rows3[0]), out=ws.tmp) @ xt.T
-        else:
-            m2 += resp @ np.multiply(xt, xt, out=ws.tmp).T
-    d = proj.d
-    s1 = m1 - nk[:, None] * d
-    if cov_type == "full":
-        outer = m1[:, :, None] * d[:, None, :]
-        s2 = (
-            m2
-            - outer
-            - np.swapaxes(outer, 1, 2)
-            + nk[:, None, None] * d[:, :, None] * d[:, None, :]
-        )
-    elif cov_type == "tied":
-        cross = m1.T @ d
-        s2 = m2 - cross - cross.T + (d.T * nk) @ d
-    else:
-        s2 = m2 - 2.0 * d * m1 + nk[:, None] * d * d
+        _accumulate(xt, resp, ws, moments, cov_type)
+    s1, s2 = _shifted(moments, proj.d, cov_type)
     weight_sum = float(n_samples) if sample_weight is None else sample_weight.sum(dtype=np.float64)
-    return SuffStats(nk, s1, s2, loglik, weight_sum, n_samples)
+    return SuffStats(moments[0], s1, s2, loglik, weight_sum, n_samples)
 
 
 def _weighted_resp_stats(
@@ -469,15 +520,23 @@ def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np
     dist : ndarray of shape (n,), float64
     label : ndarray of shape (n,), int64
     """
-    centers = centers.astype(X.dtype, copy=False)
-    dist = np.full(X.shape[0], np.inf)
-    label = np.zeros(X.shape[0], dtype=np.int64)
-    for j, c in enumerate(centers):
-        diff = X - c
-        d = np.einsum("ij,ij->i", diff, diff).astype(np.float64)
-        closer = d < dist
-        dist[closer] = d[closer]
-        label[closer] = j
+    centers = np.asarray(centers, dtype=np.float64)
+    center = centers.mean(axis=0)
+    offsets = (centers - center).astype(X.dtype)  # (m, D)
+    offset_sq = np.einsum("ij,ij->i", offsets, offsets)[:, None]
+    dist = np.empty(X.shape[0])
+    label = np.empty(X.shape[0], dtype=np.int64)
+    for start, ws in _blocks(X.shape[0], _moment_workspace(X.shape[1], X.dtype)):
+        xt = _centered(X, start, center.astype(X.dtype), ws)
+        # |x - c|^2 = |x'|^2 - 2 c'.x' + |c'|^2 about the centers' mean: one product per block
+        d2 = offsets @ xt
+        d2 *= -2.0
+        d2 += offset_sq
+        d2 += np.einsum("ij,ij->j", xt, xt)
+        np.maximum(d2, 0.0, out=d2)
+        block_label = np.argmin(d2, axis=0)
+        label[start : start + ws.rows] = block_label
+        dist[start : start + ws.rows] = d2[block_label, np.arange(ws.rows)]
     return dist, label
 
 
