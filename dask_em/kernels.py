@@ -341,9 +341,7 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
     for start, ws in _blocks(X.shape[0], proj.workspace):
         lp = proj.log_prob(proj.centered(X, start, ws), ws)
-        top = np.max(lp, axis=0)
-        top[~np.isfinite(top)] = 0.0
-        block_norm = top + np.log(np.exp(lp - top).sum(axis=0))
+        block_norm, _ = _log_normalize(lp.copy(), ws)
         norm[start : start + ws.rows] = block_norm
         with np.errstate(invalid="ignore"):
             log_resp[start : start + ws.rows] = (lp - block_norm).T
