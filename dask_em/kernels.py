@@ -145,11 +145,6 @@ class _Projection:
             np.empty((3, rows), dtype),
         )
 
-    def centered(self, X: np.ndarray, start: int, ws: _Workspace) -> np.ndarray:
-        """Rows ``start:start+ws.rows`` of ``X`` minus ``c0``, transposed into ``ws.xt`` (D, m)."""
-        np.subtract(X[start : start + ws.rows].T, self.c0[:, None], out=ws.xt)
-        return ws.xt
-
     def log_prob(self, xt: np.ndarray, ws: _Workspace) -> np.ndarray:
         """Weighted log-densities of a centered, transposed block ``xt`` (D, m), into ``ws.lp`` (K, m)."""
         n_components = self.const.shape[0]
@@ -298,7 +293,7 @@ def log_gaussian_prob(
     )
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
     for start, ws in _blocks(X.shape[0], proj.workspace):
-        out[start : start + ws.rows] = proj.log_prob(proj.centered(X, start, ws), ws).T
+        out[start : start + ws.rows] = proj.log_prob(_centered(X, start, proj.c0, ws), ws).T
     return out
 
 
@@ -340,7 +335,7 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     norm = np.empty(X.shape[0], dtype=X.dtype)
     log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
     for start, ws in _blocks(X.shape[0], proj.workspace):
-        lp = proj.log_prob(proj.centered(X, start, ws), ws)
+        lp = proj.log_prob(_centered(X, start, proj.c0, ws), ws)
         block_norm, _ = _log_normalize(lp.copy(), ws)
         norm[start : start + ws.rows] = block_norm
         with np.errstate(invalid="ignore"):
@@ -453,7 +448,7 @@ def em_chunk(
     )
     loglik = 0.0
     for start, ws in _blocks(n_samples, proj.workspace):
-        xt = proj.centered(X, start, ws)
+        xt = _centered(X, start, proj.c0, ws)
         norm, resp = _log_normalize(proj.log_prob(xt, ws), ws)
         _check_finite(X[start : start + ws.rows], norm, chunk_index)
         if sample_weight is None:
@@ -522,10 +517,11 @@ def min_sq_distances(X: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np
     center = centers.mean(axis=0)
     offsets = (centers - center).astype(X.dtype)  # (m, D)
     offset_sq = np.einsum("ij,ij->i", offsets, offsets)[:, None]
+    center_x = center.astype(X.dtype)
     dist = np.empty(X.shape[0])
     label = np.empty(X.shape[0], dtype=np.int64)
     for start, ws in _blocks(X.shape[0], _moment_workspace(X.shape[1], X.dtype)):
-        xt = _centered(X, start, center.astype(X.dtype), ws)
+        xt = _centered(X, start, center_x, ws)
         # |x - c|^2 = |x'|^2 - 2 c'.x' + |c'|^2 about the centers' mean: one product per block
         d2 = offsets @ xt
         d2 *= -2.0
