@@ -33,7 +33,7 @@ from dask_em.errors import DataError
 from dask_em.params import GMMParams
 
 FORMAT = "dask-em-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one run per initialization (shared passes), SQUAREM step cap
 KEEP_STATES = 3
 MANIFEST = "manifest.json"
 _PARAM_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
@@ -136,24 +136,27 @@ class Checkpoint:
             "fingerprint": self.fingerprint,
             "sequence": sequence,
             "seeds": [int(s) for s in state.seeds],
-            "init_index": state.init_index,
             "done": state.done,
             "n_passes": int(n_passes),
-            "runs": {},
+            "runs": [],
             "files": {},
         }
-        for role, run in (("current", state.current), ("best", state.best)):
+        for index, run in enumerate(state.runs):
             if run is None:
+                meta["runs"].append(None)
                 continue
-            meta["runs"][role] = {
-                "n_iter": run.n_iter,
-                "converged": run.converged,
-                "lower_bound": run.lower_bound,
-                "lower_bounds": list(run.lower_bounds),
-                "covariance_type": run.params.covariance_type,
-            }
+            meta["runs"].append(
+                {
+                    "n_iter": run.n_iter,
+                    "converged": run.converged,
+                    "lower_bound": run.lower_bound,
+                    "lower_bounds": list(run.lower_bounds),
+                    "step_max": run.step_max,
+                    "covariance_type": run.params.covariance_type,
+                }
+            )
             for name in _PARAM_ARRAYS:
-                fname = f"{role}_{name}.npy"
+                fname = f"run{index}_{name}.npy"
                 np.save(tmp / fname, np.asarray(getattr(run.params, name)), allow_pickle=False)
                 _fsync(tmp / fname)
                 meta["files"][fname] = _file_sha256(tmp / fname)
@@ -323,25 +326,26 @@ class Checkpoint:
 
     @staticmethod
     def _state_from(path: Path, meta: dict[str, Any]) -> FitState:
-        runs = {}
-        for role, info in meta["runs"].items():
+        runs: list[EMResult | None] = []
+        for index, info in enumerate(meta["runs"]):
+            if info is None:
+                runs.append(None)
+                continue
             arrays = [
-                np.load(path / f"{role}_{name}.npy", allow_pickle=False) for name in _PARAM_ARRAYS
+                np.load(path / f"run{index}_{name}.npy", allow_pickle=False)
+                for name in _PARAM_ARRAYS
             ]
-            runs[role] = EMResult(
-                GMMParams(*arrays, info["covariance_type"]),
-                int(info["n_iter"]),
-                bool(info["converged"]),
-                float(info["lower_bound"]),
-                [float(b) for b in info["lower_bounds"]],
+            runs.append(
+                EMResult(
+                    GMMParams(*arrays, info["covariance_type"]),
+                    int(info["n_iter"]),
+                    bool(info["converged"]),
+                    float(info["lower_bound"]),
+                    [float(b) for b in info["lower_bounds"]],
+                    float(info["step_max"]),
+                )
             )
-        return FitState(
-            tuple(int(s) for s in meta["seeds"]),
-            int(meta["init_index"]),
-            runs.get("current"),
-            runs.get("best"),
-            bool(meta["done"]),
-        )
+        return FitState(tuple(int(s) for s in meta["seeds"]), tuple(runs), bool(meta["done"]))
 
 
 class _Damaged(Exception):

@@ -304,10 +304,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         if loaded is None:
             raise DataError(f"{args.path} holds no checkpoint state.")
         state = loaded.state
-        run = state.best if state.done else state.current
+        run = state.best
         if run is None:
-            run = state.best
-        assert run is not None
+            raise DataError(
+                f"{args.path} holds a state saved before any initialization finished; "
+                "run the fit to go on."
+            )
         hyper = loaded.fingerprint.get("hyper_parameters", {})
         _print_json(
             {
@@ -321,8 +323,17 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "lower_bounds": [_finite(b) for b in run.lower_bounds],
                 "n_passes": loaded.n_passes,
                 "done": state.done,
-                "init_index": state.init_index,
                 "n_init": len(state.seeds),
+                "runs": [
+                    None
+                    if r is None
+                    else {
+                        "n_iter": r.n_iter,
+                        "converged": r.converged,
+                        "lower_bound": _finite(r.lower_bound),
+                    }
+                    for r in (state.run(i) for i in range(len(state.seeds)))
+                ],
                 "hyper_parameters": hyper,
                 "data": loaded.fingerprint.get("data"),
                 "skipped_damaged_states": loaded.skipped,

@@ -1,10 +1,12 @@
 """The EM driver: iterate E-step passes and M-steps until the lower bound settles.
 
-`run_em` runs one initialization; `fit_restarts` runs ``n_init`` of them, keeps the
-best, and can resume from a saved `FitState`. Neither knows of Dask, files or the CLI:
-they are given an ``e_step`` function (one pass over the data returning reduced
-`SuffStats`) and call optional hooks after every iteration (progress output,
-checkpoints).
+`em_steps` (plain) and `squarem_steps` (accelerated) run one initialization as
+coroutines that ask for E-step passes (`dask_em.passes`); `run_em` / `run_squarem`
+serve them with an ``e_step`` function. `fit_restarts` runs ``n_init`` initializations
+and their EM runs side by side, sharing every pass over the data, keeps the best, and
+can resume from a saved `FitState`. Nothing here knows of Dask, files or the CLI:
+callers supply the passes and get optional hooks after every iteration (progress
+output, checkpoints).
 
 Semantics are scikit-learn's ``GaussianMixture.fit``: the lower bound of iteration
 ``t`` is the mean log-likelihood under the parameters *before* that iteration's M-step;
@@ -16,11 +18,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
+from dask_em import kernels
 from dask_em.params import GMMParams
+from dask_em.passes import Pass, Steps, serve_alone, serve_together
 from dask_em.stats import SuffStats, m_step
 
 
@@ -39,6 +44,9 @@ class EMResult:
         The last lower bound (``-inf`` before the first iteration).
     lower_bounds : list of float
         The lower bound of every iteration.
+    step_max : float
+        SQUAREM's current cap on the step length (1 for plain EM); part of the state a
+        resumed SQUAREM run needs.
     """
 
     params: GMMParams
@@ -46,6 +54,7 @@ class EMResult:
     converged: bool = False
     lower_bound: float = float("-inf")
     lower_bounds: list[float] = field(default_factory=list)
+    step_max: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -91,33 +100,41 @@ class Iteration:
         return self.result.converged
 
 
-def em_step(
-    e_step: Callable[[GMMParams], SuffStats], result: EMResult, tol: float, reg_covar: float
+def _advance(
+    stats: SuffStats, result: EMResult, tol: float, reg_covar: float
 ) -> tuple[EMResult, float]:
-    """One EM iteration (one pass) from ``result``; returns the new result and the change."""
-    stats = e_step(result.params)
+    """The M-step on the E-step statistics of ``result.params``; the new result and the change."""
     lower_bound = stats.mean_loglik
     params = m_step(stats, result.params.means, reg_covar, result.params.covariance_type)
     change = lower_bound - result.lower_bound
     history = [*result.lower_bounds, lower_bound]
-    return EMResult(params, result.n_iter + 1, abs(change) < tol, lower_bound, history), change
+    return (
+        EMResult(
+            params, result.n_iter + 1, abs(change) < tol, lower_bound, history, result.step_max
+        ),
+        change,
+    )
 
 
-def run_em(
-    e_step: Callable[[GMMParams], SuffStats],
+def e_step_pass(params: GMMParams) -> Pass:
+    """The pass request of an E-step: `dask_em.kernels.em_chunk` at ``params``."""
+    return Pass(kernels.em_chunk, (params,))
+
+
+def em_steps(
     start: EMResult,
     *,
     tol: float,
     max_iter: int,
     reg_covar: float,
     callback: Callable[[Iteration], None] | None = None,
-) -> EMResult:
-    """Run EM from ``start`` until convergence or ``max_iter`` iterations in all.
+) -> Steps[EMResult]:
+    """Plain EM from ``start`` until convergence or ``max_iter`` iterations in all.
+
+    A coroutine (`dask_em.passes`): yields one E-step `Pass` per iteration.
 
     Parameters
     ----------
-    e_step : callable
-        ``e_step(params) -> SuffStats`` of the whole data, shifted by ``params.means``.
     start : EMResult
         Where to start: fresh parameters (``EMResult(params)``), a warm start
         (``lower_bound`` set to the previous fit's), or a resumed run (``n_iter``
@@ -138,38 +155,61 @@ def run_em(
     result = start
     while not result.converged and result.n_iter < max_iter:
         began = time.perf_counter()
-        result, change = em_step(e_step, result, tol, reg_covar)
+        stats = yield e_step_pass(result.params)
+        result, change = _advance(stats, result, tol, reg_covar)
         if callback is not None:
             callback(Iteration(result, change, time.perf_counter() - began))
     return result
 
 
-SQUAREM_STEP_MAX = 64.0
-"""Largest SQUAREM step length ``|alpha|``: fixed, so a resumed fit repeats the same steps."""
+SQUAREM_STEP_GROWTH = 4.0
+"""Factor by which SQUAREM's step-length cap grows after a full-length step is accepted
+(and shrinks after one fails): the ``mstep`` of Varadhan & Roland's reference code."""
+
+SQUAREM_STEP_LIMIT = 4.0**6
+"""Largest step-length cap SQUAREM may reach."""
 
 
 def _as_vector(params: GMMParams) -> np.ndarray:
     return np.concatenate([params.weights, params.means.ravel(), params.covariances.ravel()])
 
 
-def extrapolate(p0: GMMParams, p1: GMMParams, p2: GMMParams) -> GMMParams | None:
+def step_length(p0: GMMParams, p1: GMMParams, p2: GMMParams, step_max: float) -> float:
+    """SQUAREM's step length ``|r| / |v|`` (scheme S3) clamped to ``[1, step_max]``.
+
+    ``r = p1 - p0`` and ``v = p2 - 2 p1 + p0`` over all parameters; 1 means plain EM.
+    """
+    x0, x1, x2 = _as_vector(p0), _as_vector(p1), _as_vector(p2)
+    norm_v = float(np.linalg.norm(x2 - 2.0 * x1 + x0))
+    if norm_v == 0.0 or not np.isfinite(norm_v):
+        return 1.0
+    return float(min(max(float(np.linalg.norm(x1 - x0)) / norm_v, 1.0), step_max))
+
+
+def extrapolate(
+    p0: GMMParams, p1: GMMParams, p2: GMMParams, alpha: float | None = None
+) -> GMMParams | None:
     """SQUAREM's extrapolated parameters from three successive EM iterates (scheme S3).
 
-    With ``r = p1 - p0``, ``v = p2 - 2 p1 + p0`` and ``alpha = -|r| / |v|`` clamped to
-    ``[-SQUAREM_STEP_MAX, -1]``, returns ``p0 - 2 alpha r + alpha^2 v`` (Varadhan &
-    Roland 2008), or None when that is plain EM (``alpha = -1`` gives ``p2``) or not a
-    valid mixture (a weight <= 0, a covariance not positive definite).
+    With ``r = p1 - p0`` and ``v = p2 - 2 p1 + p0``, returns ``p0 + 2 alpha r +
+    alpha^2 v`` (Varadhan & Roland 2008), or None when that is plain EM (``alpha = 1``
+    gives ``p2``) or not a valid mixture (a weight <= 0, a covariance not positive
+    definite).
+
+    Parameters
+    ----------
+    p0, p1, p2 : GMMParams
+    alpha : float, optional
+        Step length (>= 1); default `step_length` with no cap beyond `SQUAREM_STEP_LIMIT`.
     """
+    if alpha is None:
+        alpha = step_length(p0, p1, p2, SQUAREM_STEP_LIMIT)
+    if alpha <= 1.0:
+        return None
     x0, x1, x2 = _as_vector(p0), _as_vector(p1), _as_vector(p2)
     r = x1 - x0
     v = x2 - 2.0 * x1 + x0
-    norm_v = float(np.linalg.norm(v))
-    if norm_v == 0.0:
-        return None
-    alpha = max(min(-float(np.linalg.norm(r)) / norm_v, -1.0), -SQUAREM_STEP_MAX)
-    if alpha == -1.0:
-        return None
-    x = x0 - 2.0 * alpha * r + alpha * alpha * v
+    x = x0 + 2.0 * alpha * r + alpha * alpha * v
     k, d = p0.means.shape
     weights = x[:k]
     if np.any(weights <= 0.0) or not np.all(np.isfinite(x)):
@@ -184,25 +224,28 @@ def extrapolate(p0: GMMParams, p1: GMMParams, p2: GMMParams) -> GMMParams | None
         return None
 
 
-def run_squarem(
-    e_step: Callable[[GMMParams], SuffStats],
+def squarem_steps(
     start: EMResult,
     *,
     tol: float,
     max_iter: int,
     reg_covar: float,
     callback: Callable[[Iteration], None] | None = None,
-) -> EMResult:
-    """EM accelerated by SQUAREM, with the monotonicity safeguard. Same contract as `run_em`.
+) -> Steps[EMResult]:
+    """EM accelerated by SQUAREM, with the monotonicity safeguard. Same contract as `em_steps`.
 
     A cycle from ``p0`` makes two EM iterations (``p1``, ``p2``), extrapolates ``p'``
-    (`extrapolate`) and runs one EM iteration from it. The extrapolation is kept when its
-    lower bound is at least that of ``p1``; otherwise that pass is discarded (it counts
-    in ``n_passes_`` but not in ``n_iter``) and the cycle ends at ``p2``. An invalid
-    extrapolation falls back to ``p2`` without a pass. The recorded lower bounds are thus
-    those of accepted points only and never decrease beyond rounding. Checkpoints are
-    taken at cycle ends only (`Iteration.resumable`), so a resumed fit repeats exactly
-    the cycles of an uninterrupted one.
+    with step length ``alpha`` (`step_length`, capped by ``start.step_max``) and runs
+    one EM iteration from it. The extrapolation is kept when its lower bound is at least
+    that of ``p1``; otherwise that pass is discarded (it counts in ``n_passes_`` but not
+    in ``n_iter``) and the cycle ends at ``p2``. An invalid extrapolation falls back to
+    ``p2`` without a pass. The cap adapts as in Varadhan & Roland's reference code: it
+    grows by `SQUAREM_STEP_GROWTH` when a step at the cap is kept and shrinks by it (not
+    below 1) when a step at the cap fails. The recorded lower bounds are those of
+    accepted points only and never decrease beyond rounding. Convergence (``|change| <
+    tol``) is judged on EM steps only, never on an extrapolation's gain. Checkpoints are taken at
+    cycle ends only (`Iteration.resumable`), where ``EMResult.step_max`` holds the cap,
+    so a resumed fit repeats exactly the cycles of an uninterrupted one.
     """
     result = start
 
@@ -215,36 +258,85 @@ def run_squarem(
 
     while not done(result):
         began = time.perf_counter()
-        r1, change1 = em_step(e_step, result, tol, reg_covar)
+        r1, change1 = _advance((yield e_step_pass(result.params)), result, tol, reg_covar)
         report(r1, change1, began, False)
         if done(r1):
             return r1
         began = time.perf_counter()
-        r2, change2 = em_step(e_step, r1, tol, reg_covar)
-        candidate = None if done(r2) else extrapolate(result.params, r1.params, r2.params)
-        if candidate is None:
-            report(r2, change2, began, True)
-            result = r2
+        r2, change2 = _advance((yield e_step_pass(r1.params)), r1, tol, reg_covar)
+        step_max = result.step_max
+        alpha = step_length(result.params, r1.params, r2.params, step_max)
+        at_cap = alpha == step_max
+        grown = min(step_max * SQUAREM_STEP_GROWTH, SQUAREM_STEP_LIMIT) if at_cap else step_max
+        shrunk = max(1.0, step_max / SQUAREM_STEP_GROWTH) if at_cap else step_max
+        candidate = None if done(r2) else extrapolate(result.params, r1.params, r2.params, alpha)
+        if candidate is None:  # a plain EM step (alpha = 1) succeeds; an invalid mixture fails
+            result = replace(r2, step_max=grown if alpha <= 1.0 else shrunk)
+            report(result, change2, began, True)
             continue
         seconds2 = time.perf_counter() - began
         began = time.perf_counter()
-        from_candidate = EMResult(candidate, r2.n_iter, False, r2.lower_bound, r2.lower_bounds)
-        r3, change3 = em_step(e_step, from_candidate, tol, reg_covar)
-        accepted = r3.lower_bound >= r2.lower_bound
-        if callback is not None:
-            note = (
-                "" if accepted else "extrapolation rejected (lower bound fell); continuing from EM"
-            )
-            callback(Iteration(r2, change2, seconds2, not accepted, note))
-        if accepted:
-            report(r3, change3, began, True, "extrapolated")
-            result = r3
+        from_candidate = replace(r2, params=candidate, converged=False)
+        r3, change3 = _advance((yield e_step_pass(candidate)), from_candidate, tol, reg_covar)
+        if r3.lower_bound >= r2.lower_bound:
+            # L(p') - L(p1) is the extrapolation's gain, not an EM step's change: a small
+            # one says nothing about convergence, which only EM steps judge
+            result = replace(r3, step_max=grown, converged=False)
+            if callback is not None:
+                callback(Iteration(r2, change2, seconds2, False))
+            report(result, change3, began, True, f"extrapolated, step {alpha:.3g}")
         else:
-            result = r2
+            result = replace(r2, step_max=shrunk)
+            if callback is not None:
+                note = f"extrapolation (step {alpha:.3g}) rejected: lower bound fell; continuing from EM"
+                callback(Iteration(result, change2, seconds2, True, note))
     return result
 
 
-ACCELERATIONS: dict[str | None, Callable[..., EMResult]] = {None: run_em, "squarem": run_squarem}
+STEPS: dict[str | None, Callable[..., Steps[EMResult]]] = {None: em_steps, "squarem": squarem_steps}
+"""The EM coroutine of each ``acceleration``."""
+
+ACCELERATIONS = tuple(STEPS)
+
+
+def _serve_e_steps(steps: Steps[EMResult], e_step: Callable[[GMMParams], SuffStats]) -> EMResult:
+    return serve_alone(steps, lambda p: e_step(p.args[0]), _no_rows)
+
+
+def _no_rows(indices: np.ndarray) -> np.ndarray:
+    raise AssertionError("EM runs ask for passes only")
+
+
+def run_em(
+    e_step: Callable[[GMMParams], SuffStats],
+    start: EMResult,
+    *,
+    tol: float,
+    max_iter: int,
+    reg_covar: float,
+    callback: Callable[[Iteration], None] | None = None,
+) -> EMResult:
+    """`em_steps` with each E-step served by ``e_step(params) -> SuffStats`` (one pass)."""
+    return _serve_e_steps(
+        em_steps(start, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=callback),
+        e_step,
+    )
+
+
+def run_squarem(
+    e_step: Callable[[GMMParams], SuffStats],
+    start: EMResult,
+    *,
+    tol: float,
+    max_iter: int,
+    reg_covar: float,
+    callback: Callable[[Iteration], None] | None = None,
+) -> EMResult:
+    """`squarem_steps` with each E-step served by ``e_step(params) -> SuffStats``."""
+    return _serve_e_steps(
+        squarem_steps(start, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=callback),
+        e_step,
+    )
 
 
 @dataclass(frozen=True)
@@ -255,21 +347,39 @@ class FitState:
     ----------
     seeds : tuple of int
         Seed of each initialization (``n_init`` of them).
-    init_index : int
-        The initialization in progress.
-    current : EMResult or None
-        Its run so far (None before its initialization is done).
-    best : EMResult or None
-        Best finished run of the earlier initializations.
+    runs : tuple of (EMResult or None)
+        Each initialization's run at its last resumable point (None before its
+        initialization is done); shorter than ``seeds`` means None for the rest.
     done : bool
-        Whether the whole fit is finished (``best`` is the answer).
+        Whether the whole fit is finished (`best` is the answer).
     """
 
     seeds: tuple[int, ...]
-    init_index: int = 0
-    current: EMResult | None = None
-    best: EMResult | None = None
+    runs: tuple[EMResult | None, ...] = ()
     done: bool = False
+
+    def run(self, index: int) -> EMResult | None:
+        """The run of initialization ``index`` (None if not initialized yet)."""
+        return self.runs[index] if index < len(self.runs) else None
+
+    def describe(self) -> str:
+        """Where the fit stands, for progress output (e.g. ``initialization 1 at iteration 4``)."""
+        if self.done:
+            return "finished fit"
+        where = [
+            f"initialization {i} at iteration {run.n_iter if run is not None else 0}"
+            for i, run in ((i, self.run(i)) for i in range(len(self.seeds)))
+        ]
+        return ", ".join(where)
+
+    @property
+    def best(self) -> EMResult | None:
+        """The best run so far by scikit-learn's rule (`better`, in seed order)."""
+        best = None
+        for run in self.runs:
+            if run is not None:
+                best = better(best, run)
+        return best
 
 
 def better(best: EMResult | None, candidate: EMResult) -> EMResult:
@@ -280,67 +390,86 @@ def better(best: EMResult | None, candidate: EMResult) -> EMResult:
 
 
 def fit_restarts(
-    e_step: Callable[[GMMParams], SuffStats],
-    initialize: Callable[[int], EMResult],
+    run_passes: Callable[[list[Pass]], list[Any]],
+    read_rows: Callable[[np.ndarray], np.ndarray],
+    initialize: Callable[[int], Steps[GMMParams]],
     state: FitState,
     *,
     tol: float,
     max_iter: int,
     reg_covar: float,
-    on_iteration: Callable[[Iteration], None] | None = None,
+    on_iteration: Callable[[int, Iteration], None] | None = None,
     on_state: Callable[[FitState], None] | None = None,
     acceleration: str | None = None,
 ) -> EMResult:
-    """Run one EM per seed of ``state`` from where ``state`` stands; return the best run.
+    """Run one EM per seed of ``state``, all advancing together; return the best run.
+
+    Every initialization and EM run is a coroutine (`dask_em.passes`); they share each
+    pass over the data (`dask_em.passes.serve_together`), so ``n_init`` runs read the
+    data as often as the longest of them alone. Each run's numbers are those it would
+    reach on its own.
 
     Parameters
     ----------
-    e_step : callable
-        ``e_step(params) -> SuffStats`` (one pass over the data).
+    run_passes : callable
+        ``run_passes(passes) -> answers``: one pass over the data serving every request.
+    read_rows : callable
+        ``read_rows(indices) -> rows`` (a few rows, not a pass).
     initialize : callable
-        ``initialize(seed) -> EMResult``: the starting point of an initialization.
+        ``initialize(seed)``: a coroutine returning the initial `GMMParams`.
     state : FitState
         ``FitState(seeds)`` for a new fit, or a state saved by ``on_state`` to resume.
     tol, max_iter, reg_covar
-        As in `run_em`.
+        As in `em_steps`.
     on_iteration : callable, optional
-        Called with every `Iteration`.
+        Called with the initialization's index and every `Iteration`.
     on_state : callable, optional
-        Called with the new `FitState` after every initialization and every
-        resumable iteration, and once at the end with ``done=True`` (checkpointing
-        hooks in here).
+        Called with the new `FitState` after every pass that moved a run to a new
+        resumable point, and once at the end with ``done=True`` (checkpointing hooks in
+        here).
     acceleration : {None, 'squarem'}
-        A key of `ACCELERATIONS`: plain EM (`run_em`) or `run_squarem`.
+        A key of `STEPS`: plain EM (`em_steps`) or `squarem_steps`.
 
     Returns
     -------
     EMResult
         The best run.
     """
-    if acceleration not in ACCELERATIONS:
+    if acceleration not in STEPS:
         raise ValueError(f"Invalid acceleration {acceleration!r}: use None or 'squarem'.")
-    run = ACCELERATIONS[acceleration]
+    steps = STEPS[acceleration]
     if state.done and state.best is not None:
         return state.best
-    best = state.best
-    for index in range(state.init_index, len(state.seeds)):
-        current = state.current if index == state.init_index else None
-        if current is None:
-            current = initialize(state.seeds[index])
-            if on_state is not None:
-                on_state(FitState(state.seeds, index, current, best))
+    runs = [state.run(i) for i in range(len(state.seeds))]
+    moved = [False]
 
-        def step(it: Iteration, index: int = index, best: EMResult | None = best) -> None:
+    def candidate(index: int) -> Steps[EMResult]:
+        run = runs[index]
+        if run is None:
+            run = EMResult((yield from initialize(state.seeds[index])))
+            runs[index], moved[0] = run, True
+
+        def step(it: Iteration) -> None:
             if on_iteration is not None:
-                on_iteration(it)
-            if on_state is not None and it.resumable:
-                on_state(FitState(state.seeds, index, it.result, best))
+                on_iteration(index, it)
+            if it.resumable:
+                runs[index], moved[0] = it.result, True
 
-        result = run(
-            e_step, current, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step
+        finished = yield from steps(
+            run, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step
         )
-        best = better(best, result)
-    assert best is not None
+        return finished
+
+    def after_pass() -> None:
+        if moved[0] and on_state is not None:
+            on_state(FitState(state.seeds, tuple(runs)))
+        moved[0] = False
+
+    results = serve_together(
+        [candidate(i) for i in range(len(state.seeds))], run_passes, read_rows, after_pass
+    )
+    final = FitState(state.seeds, tuple(results), done=True)
     if on_state is not None:
-        on_state(FitState(state.seeds, len(state.seeds) - 1, None, best, done=True))
-    return best
+        on_state(final)
+    assert final.best is not None
+    return final.best

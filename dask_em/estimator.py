@@ -1,8 +1,8 @@
 """`GaussianMixture`: a scikit-learn compatible estimator over the functional core.
 
-Thin orchestration: input conversion and validation, `dask_em.init.initialize`,
-`dask_em.em.run_em` with one `dask_em.reduce.RowData.map_reduce` pass per iteration,
-``n_init`` restarts, and the fitted attributes. The Dask work runs on the active
+Thin orchestration: input conversion and validation, `dask_em.em.fit_restarts` over
+`dask_em.init.initialize` with every pass served by `dask_em.reduce.RowData` (the
+``n_init`` initializations share each pass), checkpoints, and the fitted attributes. The Dask work runs on the active
 ``distributed.Client`` if there is one, else on Dask's default scheduler.
 """
 
@@ -33,6 +33,7 @@ from dask_em.params import (
     check_init_arrays,
     n_parameters,
 )
+from dask_em.passes import Steps
 from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, map_rows
 
 _NUMPY_CHUNK_BYTES = 64 * 2**20  # row-chunk size when wrapping in-memory arrays
@@ -288,25 +289,20 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                     f"checkpoint state {reason}; resuming from an older state", stacklevel=2
                 )
             if self.verbose >= 1:
-                where = "finished fit" if state.done else f"initialization {state.init_index}"
-                n_iter = state.current.n_iter if state.current is not None else 0
-                print(
-                    f"Resuming {where} at iteration {n_iter} from {self.checkpoint_dir}",
-                    file=sys.stderr,
-                )
+                print(f"Resuming {state.describe()} from {self.checkpoint_dir}", file=sys.stderr)
         else:
             random_state = check_random_state(self.random_state)
             n_init = self.n_init if do_init else 1
             seeds = tuple(int(random_state.randint(np.iinfo(np.int32).max)) for _ in range(n_init))
             state, passes_before = FitState(seeds), 0
             if not do_init:
-                state = FitState(seeds, 0, EMResult(self._params(), lower_bound=self.lower_bound_))
+                state = FitState(seeds, (EMResult(self._params(), lower_bound=self.lower_bound_),))
 
-        def start(seed: int) -> EMResult:
+        def start(seed: int) -> Steps[GMMParams]:
             if self.verbose >= 1:
                 print(f"Initialization with seed {seed}", file=sys.stderr)
-            params = initialize(
-                data,
+            return initialize(
+                data.shape,
                 self.n_components,
                 self.covariance_type,
                 self.reg_covar,
@@ -314,14 +310,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 seed,
                 *inits,
             )
-            return EMResult(params)
 
         def save(fit_state: FitState) -> None:
             if checkpoint is not None:
                 checkpoint.save(fit_state, passes_before + data.n_passes)
 
         best = fit_restarts(
-            lambda p: data.map_reduce(kernels.em_chunk, p),
+            data.map_reduce_many,
+            data.read_rows,
             start,
             state,
             tol=self.tol,
@@ -370,11 +366,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         }
         return Checkpoint(self.checkpoint_dir, fingerprint)
 
-    def _report(self, it: Iteration) -> None:
+    def _report(self, index: int, it: Iteration) -> None:
         if it.n_iter % self.verbose_interval == 0 or it.converged or it.n_iter == self.max_iter:
+            which = f"  [init {index + 1}/{self.n_init}]" if self.n_init > 1 else ""
             print(
                 f"iteration {it.n_iter:4d}  lower bound {it.lower_bound: .10g}  "
-                f"change {it.change: .3e}  {it.seconds:.2f} s"
+                f"change {it.change: .3e}  {it.seconds:.2f} s{which}"
                 + (f"  ({it.note})" if it.note else ""),
                 file=sys.stderr,
                 flush=True,

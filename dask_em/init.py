@@ -1,4 +1,7 @@
-"""Initial parameters of a mixture: a registry of initializers over `RowData`.
+"""Initial parameters of a mixture: a registry of initializers.
+
+Each initializer is a coroutine (`dask_em.passes`): it yields the passes over the data
+and the row reads it needs, so ``n_init`` initializations can share every pass.
 
 ========================  =======================================================  ==========
 ``init_params``           what it does                                             passes
@@ -31,7 +34,7 @@ import numpy as np
 
 from dask_em import kernels
 from dask_em.params import GMMParams, covariance_shape
-from dask_em.reduce import RowData
+from dask_em.passes import Pass, Rows, Steps
 from dask_em.stats import SuffStats, m_step
 
 KMEANS_ROUNDS = 2
@@ -104,23 +107,23 @@ def _centers_moved(old: np.ndarray, new: np.ndarray, scale: float) -> bool:
 
 
 def init_kmeans(
-    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
-) -> GMMParams:
+    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> Steps[GMMParams]:
     """k-means‖ seeding and a few Lloyd passes; parameters of the final hard assignment."""
-    n_samples, _ = data.shape
+    n_samples, _ = shape
     rng = kernels.chunk_rng(seed, 0)
-    centers = data.read_rows(rng.integers(n_samples, size=1))
+    centers = yield Rows(rng.integers(n_samples, size=1))
     for round_ in range(KMEANS_ROUNDS):
-        sample = data.map_reduce(
-            kernels.sample_by_distance_chunk, centers, 2 * n_components, seed, round_
+        sample = yield Pass(
+            kernels.sample_by_distance_chunk, (centers, 2 * n_components, seed, round_)
         )
         centers = np.vstack([centers, sample.rows])
-    counts = data.map_reduce(kernels.closest_count_chunk, centers)
+    counts = yield Pass(kernels.closest_count_chunk, (centers,))
     centers = _weighted_kmeans(centers, counts, n_components, rng)
     scale = max(float(np.ptp(centers)), 1.0) if centers.size else 1.0
     for _ in range(LLOYD_PASSES):
         shift = centers
-        stats: SuffStats = data.map_reduce(kernels.hard_assign_chunk, shift, covariance_type)
+        stats: SuffStats = yield Pass(kernels.hard_assign_chunk, (shift, covariance_type))
         filled = stats.n[:, None] > 0
         centers = shift + np.where(filled, stats.s1 / np.where(filled, stats.n[:, None], 1.0), 0.0)
         if not _centers_moved(shift, centers, scale):
@@ -129,13 +132,12 @@ def init_kmeans(
 
 
 def init_kmeans_plusplus(
-    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
-) -> GMMParams:
+    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> Steps[GMMParams]:
     """k-means++ seeds (first one by sample weight, then by squared distance)."""
-    n_features = data.shape[1]
-    seeds = np.empty((0, n_features))
+    seeds = np.empty((0, shape[1]))
     for k in range(n_components):
-        sample = data.map_reduce(kernels.sample_by_distance_chunk, seeds, 1, seed, 100 + k)
+        sample = yield Pass(kernels.sample_by_distance_chunk, (seeds, 1, seed, 100 + k))
         if sample.rows.shape[0] == 0:  # every row already is a seed: repeat the last one
             seeds = np.vstack([seeds, seeds[-1:]])
         else:
@@ -144,24 +146,24 @@ def init_kmeans_plusplus(
 
 
 def init_random(
-    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
-) -> GMMParams:
+    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> Steps[GMMParams]:
     """Uniformly random responsibilities, normalized per row (one pass)."""
-    shift = np.repeat(data.read_rows(np.array([0])), n_components, axis=0)
-    stats = data.map_reduce(kernels.random_resp_chunk, seed, n_components, shift, covariance_type)
+    shift = np.repeat((yield Rows(np.array([0]))), n_components, axis=0)
+    stats = yield Pass(kernels.random_resp_chunk, (seed, n_components, shift, covariance_type))
     return m_step(stats, shift, reg_covar, covariance_type)
 
 
 def init_random_from_data(
-    data: RowData, n_components: int, covariance_type: str, reg_covar: float, seed: int
-) -> GMMParams:
+    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+) -> Steps[GMMParams]:
     """Means at ``K`` distinct random rows (no pass: only those rows are read)."""
     rng = kernels.chunk_rng(seed, 0)
-    index = rng.choice(data.shape[0], size=n_components, replace=False)
-    return _at_points(data.read_rows(index), covariance_type, reg_covar)
+    index = rng.choice(shape[0], size=n_components, replace=False)
+    return _at_points((yield Rows(index)), covariance_type, reg_covar)
 
 
-INITIALIZERS: dict[str, Callable[[RowData, int, str, float, int], GMMParams]] = {
+INITIALIZERS: dict[str, Callable[[tuple[int, int], int, str, float, int], Steps[GMMParams]]] = {
     "kmeans": init_kmeans,
     "k-means++": init_kmeans_plusplus,
     "random": init_random,
@@ -170,7 +172,7 @@ INITIALIZERS: dict[str, Callable[[RowData, int, str, float, int], GMMParams]] = 
 
 
 def initialize(
-    data: RowData,
+    shape: tuple[int, int],
     n_components: int,
     covariance_type: str,
     reg_covar: float,
@@ -179,12 +181,15 @@ def initialize(
     weights_init: np.ndarray | None = None,
     means_init: np.ndarray | None = None,
     precisions_init: np.ndarray | None = None,
-) -> GMMParams:
+) -> Steps[GMMParams]:
     """Initial parameters: the method's, with user-given arrays taking precedence.
+
+    A coroutine (`dask_em.passes`) asking for the method's passes and rows.
 
     Parameters
     ----------
-    data : RowData
+    shape : (int, int)
+        ``(n_samples, n_features)`` of the data.
     n_components : int
     covariance_type : {'full', 'tied', 'diag', 'spherical'}
     reg_covar : float
@@ -208,7 +213,9 @@ def initialize(
         raise ValueError(
             f"Invalid init_params {init_params!r}: use one of {', '.join(INITIALIZERS)}."
         )
-    found = INITIALIZERS[init_params](data, n_components, covariance_type, reg_covar, seed)
+    found = yield from INITIALIZERS[init_params](
+        shape, n_components, covariance_type, reg_covar, seed
+    )
     weights = found.weights if weights_init is None else weights_init
     means = found.means if means_init is None else means_init
     if precisions_init is not None:

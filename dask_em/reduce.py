@@ -23,6 +23,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 from dask.delayed import Delayed
 
 DEFAULT_SPLIT_EVERY = 8
@@ -38,6 +39,22 @@ def as_row_chunked(X: da.Array) -> da.Array:
 def _sum(*values: Any) -> Any:
     """Add values left to right: the fixed-order combine step of the tree reduction."""
     return functools.reduce(operator.add, values)
+
+
+def _apply_each(
+    X: np.ndarray,
+    w: np.ndarray | None,
+    index: int,
+    start: int,
+    calls: tuple[tuple[Callable[..., Any], tuple[Any, ...]], ...],
+) -> tuple[Any, ...]:
+    """Every call's chunk function on one chunk (read once)."""
+    return tuple(fn(X, w, index, start, *args) for fn, args in calls)
+
+
+def _sum_each(*values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Element-wise `_sum` of tuples (the combine step of `RowData.build_many`)."""
+    return tuple(_sum(*column) for column in zip(*values, strict=True))
 
 
 def _broadcast(value: Any) -> Any:
@@ -135,20 +152,38 @@ class RowData:
         ``chunk_fn(X_block, w_block, chunk_index, row_start, *args)`` must return a value
         supporting ``+``. Returns the lazy result (one key).
         """
+        return self._tree_sum(self._map(chunk_fn, [_broadcast(a) for a in args]))
+
+    def build_many(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> Delayed:
+        """The graph of one pass evaluating several ``(chunk_fn, args)`` on every chunk.
+
+        Each chunk is read once and every call applied to it; the per-call results are
+        summed in the same tree as `build` would, so each sum equals that call's own
+        pass exactly. Returns the lazy tuple of sums (one key).
+        """
+        # task keys name the kernels (e.g. ``em_chunk+em_chunk-<token>``) for dashboards
+        name = "+".join(getattr(fn, "__name__", "call") for fn, _ in calls)
+        parts = self._map(_apply_each, [_broadcast(tuple(calls))], name)
+        return self._tree_sum(parts, _sum_each)
+
+    def _map(self, fn: Callable[..., Any], shared: list[Any], name: str | None = None) -> list[Any]:
         x_blocks = self.X.to_delayed().ravel()
         if self.sample_weight is None:
             w_blocks: Sequence[Any] = [None] * len(x_blocks)
         else:
             w_blocks = self.sample_weight.to_delayed().ravel()
-        shared = [_broadcast(a) for a in args]
-        fn = dask.delayed(chunk_fn, pure=True)
-        parts = [
-            fn(xb, wb, i, start, *shared)
-            for i, (xb, wb, start) in enumerate(
-                zip(x_blocks, w_blocks, self.row_starts, strict=True)
-            )
-        ]
-        combine = dask.delayed(_sum, pure=True)
+        task = dask.delayed(fn, pure=True)
+        parts = []
+        for i, (xb, wb, start) in enumerate(zip(x_blocks, w_blocks, self.row_starts, strict=True)):
+            if name is None:
+                parts.append(task(xb, wb, i, start, *shared))
+            else:
+                key = f"{name}-{tokenize(fn, xb, wb, i, start, *shared)}"
+                parts.append(task(xb, wb, i, start, *shared, dask_key_name=key))
+        return parts
+
+    def _tree_sum(self, parts: list[Any], add: Callable[..., Any] | None = None) -> Delayed:
+        combine = dask.delayed(add or _sum, pure=True)
         while len(parts) > 1:
             parts = [
                 combine(*parts[j : j + self.split_every])
@@ -159,6 +194,20 @@ class RowData:
     def map_reduce(self, chunk_fn: Callable[..., Any], *args: Any) -> Any:
         """Run one pass (one ``compute``) of ``chunk_fn`` over the data; see `build`."""
         result = self.build(chunk_fn, *args).compute()
+        self.n_passes += 1
+        return result
+
+    def map_reduce_many(
+        self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
+    ) -> list[Any]:
+        """Run one pass (one ``compute``) serving every ``(chunk_fn, args)``; see `build_many`.
+
+        A single call runs as `map_reduce` (the same graph as before shared passes).
+        """
+        if len(calls) == 1:
+            ((fn, args),) = calls
+            return [self.map_reduce(fn, *args)]
+        result = list(self.build_many(calls).compute())
         self.n_passes += 1
         return result
 

@@ -174,10 +174,10 @@ def peek_checkpoint(directory: str | os.PathLike[str]) -> Loaded | None:
 
 
 def current_iteration(loaded: Loaded | None) -> int:
-    """Iterations done by the initialization in progress of a loaded state (-1 if none)."""
-    if loaded is None or loaded.state.current is None:
+    """Iterations done by the first initialization's run in a loaded state (-1 if none)."""
+    if loaded is None or loaded.state.run(0) is None:
         return -1
-    return loaded.state.current.n_iter
+    return loaded.state.runs[0].n_iter
 
 
 def process_group_alive(pgid: int) -> bool:

@@ -51,7 +51,7 @@ def make_params(covariance_type: str, value: float, k: int = 3, d: int = 2) -> G
 
 
 def make_state(n_iter: int, covariance_type: str = "full", **kw: object) -> FitState:
-    """A state whose current run has done ``n_iter`` iterations (means equal to n_iter)."""
+    """A state whose first run has done ``n_iter`` iterations (means equal to n_iter)."""
     run = EMResult(
         make_params(covariance_type, float(n_iter)),
         n_iter,
@@ -59,7 +59,7 @@ def make_state(n_iter: int, covariance_type: str = "full", **kw: object) -> FitS
         -float(n_iter),
         [-float(i) for i in range(1, n_iter + 1)],
     )
-    return FitState((11, 22), current=run, **kw)  # type: ignore[arg-type]
+    return FitState((11, 22), (run,), **kw)  # type: ignore[arg-type]
 
 
 def assert_same_run(a: EMResult | None, b: EMResult | None) -> None:
@@ -70,51 +70,56 @@ def assert_same_run(a: EMResult | None, b: EMResult | None) -> None:
     for name in ("weights", "means", "covariances", "precisions_cholesky"):
         np.testing.assert_array_equal(getattr(a.params, name), getattr(b.params, name))
     assert a.params.covariance_type == b.params.covariance_type
-    assert (a.n_iter, a.converged, a.lower_bound, a.lower_bounds) == (
+    assert (a.n_iter, a.converged, a.lower_bound, a.lower_bounds, a.step_max) == (
         b.n_iter,
         b.converged,
         b.lower_bound,
         b.lower_bounds,
+        b.step_max,
     )
 
 
 # ------------------------------------------------------------------ round trip
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
 def test_save_then_load_returns_the_same_state(tmp_path: Path, covariance_type: str) -> None:
-    """Every field of a `FitState` (both runs, seeds, index, done) and n_passes survive."""
-    best = EMResult(make_params(covariance_type, 7.5), 9, True, -1.25, [-3.0, -2.0, -1.25])
-    state = FitState((5, 6, 7), 1, make_state(4, covariance_type).current, best, False)
+    """Every field of a `FitState` (each run, seeds, done) and n_passes survive."""
+    best = EMResult(make_params(covariance_type, 7.5), 9, True, -1.25, [-3.0, -2.0, -1.25], 16.0)
+    other = make_state(4, covariance_type).runs[0]
+    state = FitState((5, 6, 7), (other, best, None), False)
     Checkpoint(tmp_path / "c", FINGERPRINT).save(state, n_passes=17)
 
     loaded = Checkpoint(tmp_path / "c", FINGERPRINT).load()
     assert loaded is not None
-    assert loaded.state.seeds == (5, 6, 7)
-    assert loaded.state.init_index == 1 and loaded.state.done is False
-    assert_same_run(loaded.state.current, state.current)
+    assert loaded.state.seeds == (5, 6, 7) and loaded.state.done is False
+    assert len(loaded.state.runs) == 3 and loaded.state.run(2) is None
+    assert_same_run(loaded.state.run(0), other)
+    assert_same_run(loaded.state.run(1), best)
     assert_same_run(loaded.state.best, best)
     assert loaded.n_passes == 17 and loaded.skipped == [] and loaded.fingerprint == FINGERPRINT
 
 
 def test_a_state_without_runs_and_a_done_state_round_trip(tmp_path: Path) -> None:
-    """``current`` None (before the first initialization is done) and ``done`` survive."""
+    """No run (before the first initialization is done) and ``done`` survive."""
     ckpt = Checkpoint(tmp_path / "c", FINGERPRINT)
     ckpt.save(FitState((1,)), 0)
     loaded = ckpt.load()
     assert loaded is not None and loaded.state == FitState((1,))
-    best = make_state(3).current
-    ckpt.save(FitState((1,), 0, None, best, done=True), 5)
+    assert loaded.state.run(0) is None and loaded.state.best is None
+    best = make_state(3).runs[0]
+    ckpt.save(FitState((1,), (best,), done=True), 5)
     loaded = ckpt.load()
-    assert loaded is not None and loaded.state.done and loaded.state.current is None
+    assert loaded is not None and loaded.state.done
     assert_same_run(loaded.state.best, best)
 
 
 def test_files_are_plain_json_and_npy_without_pickle(tmp_path: Path) -> None:
     """Nothing is pickled: every file is JSON or a numeric .npy loadable with
     ``allow_pickle=False``, and every array has a checksum in its state.json."""
-    Checkpoint(tmp_path / "c", FINGERPRINT).save(make_state(2, best=make_state(1).current), 3)
+    state = FitState((1, 2), (make_state(2).runs[0], make_state(1).runs[0]))
+    Checkpoint(tmp_path / "c", FINGERPRINT).save(state, 3)
     files = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
     npy = [p for p in files if p.suffix == ".npy"]
-    assert len(npy) == 8  # 4 arrays x (current, best)
+    assert len(npy) == 8  # 4 arrays x 2 runs
     for p in files:
         if p.suffix == ".npy":
             assert np.load(p, allow_pickle=False).dtype == np.float64
@@ -136,7 +141,7 @@ def test_only_the_newest_states_are_kept_and_no_temporaries(tmp_path: Path) -> N
     manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
     assert manifest["states"] == states[::-1]
     loaded = Checkpoint(tmp_path / "c", FINGERPRINT).load()
-    assert loaded is not None and loaded.sequence == 7 and loaded.state.current.n_iter == 7
+    assert loaded is not None and loaded.sequence == 7 and loaded.state.runs[0].n_iter == 7
 
 
 # ------------------------------------------------------------------ fingerprints
@@ -196,11 +201,11 @@ def test_damaged_newest_state_falls_back_to_the_previous_one(tmp_path: Path) -> 
     ckpt = Checkpoint(tmp_path / "c", FINGERPRINT)
     for n in (1, 2, 3):
         ckpt.save(make_state(n), n)
-    target = newest(tmp_path / "c") / "current_weights.npy"
+    target = newest(tmp_path / "c") / "run0_weights.npy"
     target.write_bytes(target.read_bytes()[:-8])
     loaded = Checkpoint(tmp_path / "c", FINGERPRINT).load()
-    assert loaded is not None and loaded.state.current.n_iter == 2 and loaded.n_passes == 2
-    assert loaded.skipped == ["state-000003: current_weights.npy fails its checksum"]
+    assert loaded is not None and loaded.state.runs[0].n_iter == 2 and loaded.n_passes == 2
+    assert loaded.skipped == ["state-000003: run0_weights.npy fails its checksum"]
 
 
 def test_missing_array_file_and_missing_state_json_are_damage(tmp_path: Path) -> None:
@@ -208,12 +213,12 @@ def test_missing_array_file_and_missing_state_json_are_damage(tmp_path: Path) ->
     ckpt = Checkpoint(tmp_path / "c", FINGERPRINT)
     for n in (1, 2, 3):
         ckpt.save(make_state(n), n)
-    (tmp_path / "c" / "state-000003" / "current_means.npy").unlink()
+    (tmp_path / "c" / "state-000003" / "run0_means.npy").unlink()
     (tmp_path / "c" / "state-000002" / "state.json").unlink()
     loaded = Checkpoint(tmp_path / "c", FINGERPRINT).load()
-    assert loaded is not None and loaded.state.current.n_iter == 1
+    assert loaded is not None and loaded.state.runs[0].n_iter == 1
     assert loaded.skipped == [
-        "state-000003: current_means.npy is missing",
+        "state-000003: run0_means.npy is missing",
         "state-000002: state.json is missing",
     ]
 
@@ -249,7 +254,7 @@ def test_unreadable_manifest_falls_back_to_scanning_states(tmp_path: Path, manif
     else:
         path.write_text(json.dumps({"states": "state-000003"}))
     loaded = Checkpoint(tmp_path / "c", FINGERPRINT).load()
-    assert loaded is not None and loaded.state.current.n_iter == 3
+    assert loaded is not None and loaded.state.runs[0].n_iter == 3
     Checkpoint(tmp_path / "c", FINGERPRINT).save(make_state(4), 4)
     states = ["state-000004", "state-000003", "state-000002"]
     assert json.loads(path.read_text())["states"] == states
@@ -305,7 +310,7 @@ def test_leftovers_of_a_crash_are_ignored_then_cleaned(tmp_path: Path, leftover:
     c = tmp_path / "c"
     if leftover == "temporary state":
         shutil.copytree(c / "state-000002", c / ".tmp-0123abcd")
-        (c / ".tmp-0123abcd" / "current_means.npy").write_bytes(b"\x93NUMPY")
+        (c / ".tmp-0123abcd" / "run0_means.npy").write_bytes(b"\x93NUMPY")
     elif leftover == "uncommitted state":
         shutil.copytree(c / "state-000002", c / "state-000003")
     else:
@@ -317,7 +322,7 @@ def test_leftovers_of_a_crash_are_ignored_then_cleaned(tmp_path: Path, leftover:
     names = sorted(p.name for p in c.iterdir())
     assert not [n for n in names if n.startswith(".")]
     loaded = Checkpoint(c, FINGERPRINT).load()
-    assert loaded is not None and loaded.state.current.n_iter == 3 and loaded.skipped == []
+    assert loaded is not None and loaded.state.runs[0].n_iter == 3 and loaded.skipped == []
 
 
 WRITER = textwrap.dedent(
@@ -335,7 +340,7 @@ WRITER = textwrap.dedent(
         n += 1
         params = GMMParams(np.full(3, 1 / 3), np.full((3, 4), float(n)), cov, cov, "full")
         run = EMResult(params, n, False, -float(n), [-float(i) for i in range(1, n + 1)])
-        ckpt.save(FitState((n,), 0, run), n)
+        ckpt.save(FitState((n,), (run,)), n)
     """
 )
 
@@ -374,12 +379,12 @@ def test_sigkill_at_any_instant_leaves_the_last_committed_state(
 
     loaded = Checkpoint(c, {"writer": 1}).load()
     assert loaded is not None and loaded.skipped == []
-    run = loaded.state.current
+    run = loaded.state.run(0)
     assert run is not None and run.n_iter >= target
     assert loaded.sequence == run.n_iter == loaded.n_passes == loaded.state.seeds[0]
     np.testing.assert_array_equal(run.params.means, np.full((3, 4), float(run.n_iter)))
     assert run.lower_bounds == [-float(i) for i in range(1, run.n_iter + 1)]
 
-    Checkpoint(c, {"writer": 1}).save(FitState((0,), 0, run), 0)
+    Checkpoint(c, {"writer": 1}).save(FitState((0,), (run,)), 0)
     assert not [p.name for p in c.iterdir() if p.name.startswith(".")]
     assert len(list(c.glob("state-*"))) == KEEP_STATES

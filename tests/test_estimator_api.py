@@ -19,6 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 import dask_em
+from dask_em.checkpoint import Checkpoint
 from dask_em.errors import DataError
 from dask_em.params import COVARIANCE_TYPES
 
@@ -271,8 +272,38 @@ def test_passes_are_counted(mixture_zarr, given_inits):
         4, init_params="random_from_data", n_init=3, random_state=0, max_iter=4
     )
     quiet_fit(restarts, X)
-    # all runs count: 3 runs of 4 iterations, no initialization pass
-    assert restarts.n_passes_ == 12
+    # the 3 runs share every pass: 4 iterations, no initialization pass
+    assert restarts.n_passes_ == 4
+
+
+@pytest.mark.parametrize(("acceleration", "tol"), [(None, 0.0), ("squarem", 1e-6)])
+def test_restarts_share_passes_and_each_run_is_what_it_is_alone(
+    mixture_zarr, tmp_path, acceleration, tol
+):
+    """The ``n_init`` runs share every pass, and each ends exactly where it would alone.
+
+    With a fixed iteration budget (``tol=0``), ``n_init=5`` reads the data no more than
+    ``n_init=1`` plus one pass per candidate (only k-means initializations that stop
+    after different numbers of Lloyd passes differ). With a tolerance, each run stops at
+    its own convergence, so the passes are those of the slowest run: far fewer than 5
+    runs one after the other."""
+    X = mixture_zarr.path
+    kw = dict(n_components=4, random_state=0, tol=tol, max_iter=40, acceleration=acceleration)
+    alone = quiet_fit(dask_em.GaussianMixture(**kw), X)
+    shared = quiet_fit(dask_em.GaussianMixture(**kw, n_init=5, checkpoint_dir=tmp_path / "c"), X)
+    if tol == 0.0:
+        assert shared.n_passes_ <= alone.n_passes_ + 5
+    else:
+        assert shared.n_passes_ < 2 * alone.n_passes_
+    final = Checkpoint(tmp_path / "c", {}).load(check_fingerprint=False)
+    assert final is not None and final.state.done and len(final.state.runs) == 5
+    first = final.state.run(0)  # the first seed is the one n_init=1 uses
+    assert first.n_iter == alone.n_iter_ and first.lower_bounds == alone.lower_bounds_
+    np.testing.assert_array_equal(first.params.means, alone.means_)
+    np.testing.assert_array_equal(first.params.covariances, alone.covariances_)
+    np.testing.assert_array_equal(shared.means_, final.state.best.params.means)
+    assert shared.lower_bound_ == max(r.lower_bound for r in final.state.runs)
+    assert len({r.lower_bound for r in final.state.runs}) > 1  # the seeds really differ
 
 
 def test_dask_input_follows_the_active_scheduler(mixture_zarr):

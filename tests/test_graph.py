@@ -151,6 +151,32 @@ def test_initialization_passes_are_counted_and_em_is_one_call_per_iteration(
         assert gm.n_passes_ - gm.n_iter_ == extra_passes
 
 
+def test_restarts_share_each_pass_reading_every_chunk_once(mixture_zarr):
+    """``n_init=3``: every pass is one compute in which each chunk is read once and one
+    task per chunk evaluates all three candidates; the passes equal the slowest run's."""
+    X = mixture_zarr.dask()
+    gm = dask_em.GaussianMixture(
+        4, n_init=3, init_params="random", tol=1e-4, random_state=0, cache=False
+    )
+    recorder = GraphRecorder()
+    with dask.config.set(scheduler="threads"), recorder:
+        fit_quietly(gm, X)
+
+    full_passes = [g for g in recorder.graphs if len(chunk_keys(g, X)) == mixture_zarr.n_chunks]
+    assert len(full_passes) == gm.n_passes_
+    shared = [g for g in full_passes if any("em_chunk+em_chunk+em_chunk-" in str(k) for k in g)]
+    assert shared, "no pass served the three candidates together"
+    for dsk in full_passes:
+        map_tasks = [k for k, v in dsk.items() if task_func(v) is not None and "chunk" in str(k)]
+        assert len(map_tasks) == mixture_zarr.n_chunks  # one task per chunk, all candidates
+    # one initialization pass (random responsibilities) shared by the three candidates
+    assert any(
+        "random_resp_chunk+random_resp_chunk+random_resp_chunk-" in str(k)
+        for g in full_passes
+        for k in g
+    )
+
+
 # ------------------------------------------------------------- tree reduction
 def reduction_shape(dsk: dict, split_every: int) -> tuple[int, int]:
     """Check the reduction tasks of a one-pass graph; return (map tasks, tree depth).

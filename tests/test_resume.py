@@ -134,14 +134,14 @@ def small_data(tmp_path: Path) -> str:
 
 
 def at_iteration(n_iter: int, init_index: int = 0) -> Callable[[FitState], bool]:
-    """A `crash_after` condition: the state of initialization ``init_index`` after ``n_iter``
-    iterations (0: right after the initialization)."""
-    return lambda s: (
-        not s.done
-        and s.init_index == init_index
-        and s.current is not None
-        and s.current.n_iter == n_iter
-    )
+    """A `crash_after` condition: a state where initialization ``init_index`` has made
+    ``n_iter`` iterations (0: right after the initialization)."""
+
+    def when(s: FitState) -> bool:
+        run = s.run(init_index)
+        return not s.done and run is not None and run.n_iter == n_iter
+
+    return when
 
 
 @pytest.mark.parametrize(
@@ -153,6 +153,7 @@ def at_iteration(n_iter: int, init_index: int = 0) -> Callable[[FitState], bool]
         (1, lambda s: s.done, "after the final state"),
         (2, at_iteration(0, init_index=1), "right after the second initialization"),
         (2, at_iteration(4, init_index=1), "during the second initialization"),
+        (3, at_iteration(2, init_index=2), "three initializations sharing passes"),
     ],
 )
 def test_interrupted_python_fit_resumes_to_the_uninterrupted_result(
@@ -189,13 +190,24 @@ def test_interrupted_python_fit_resumes_to_the_uninterrupted_result(
         assert saved.state.best is not None
     stderr = capsys.readouterr().err
     assert "Resuming" in stderr and "Initialization with seed" not in stderr
-    done = saved.state.current.n_iter if saved.state.current is not None else 15
-    assert iterations_printed(stderr) == list(range(done + 1, 16))
+    for index in range(n_init):  # each run goes on from its own saved iteration
+        run = saved.state.run(index)
+        done = 15 if saved.state.done or run is None else run.n_iter
+        which = index + 1 if n_init > 1 else None
+        assert iterations_printed(stderr, which) == list(range(done + 1, 16)), index
 
 
-def iterations_printed(stderr: str) -> list[int]:
-    """Iteration numbers of the progress lines that ``verbose=2`` printed."""
-    return [int(n) for n in re.findall(r"^iteration\s+(\d+)", stderr, re.MULTILINE)]
+def iterations_printed(stderr: str, init: int | None = None) -> list[int]:
+    """Iteration numbers of the progress lines that ``verbose=2`` printed (for
+    initialization ``init``, 1-based, when there are several)."""
+    lines = re.findall(r"^iteration\s+(\d+).*$", stderr, re.MULTILINE)
+    if init is None:
+        return [int(n) for n in lines]
+    return [
+        int(m.group(1))
+        for m in re.finditer(r"^iteration\s+(\d+).*\[init (\d+)/\d+\]", stderr, re.MULTILINE)
+        if int(m.group(2)) == init
+    ]
 
 
 def test_resume_may_raise_max_iter(
@@ -364,11 +376,11 @@ def garble(path: Path) -> None:
 
 
 DAMAGES = {  # case: (damage, file of the newest state, what the warning must say)
-    "truncated npy": (truncate, "current_means.npy", "current_means.npy fails its checksum"),
+    "truncated npy": (truncate, "run0_means.npy", "run0_means.npy fails its checksum"),
     "flipped bit in npy": (
         flip_bit,
-        "current_covariances.npy",
-        "current_covariances.npy fails its checksum",
+        "run0_covariances.npy",
+        "run0_covariances.npy fails its checksum",
     ),
     "edited state.json": (edit_state_json, "state.json", "state.json fails its checksum"),
     "truncated state.json": (truncate, "state.json", "state.json is unreadable"),
@@ -400,7 +412,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, obj
 
     def save(self: Checkpoint, state: FitState, n_passes: int) -> None:
         real_save(self, state, n_passes)
-        if state.current is not None and state.current.n_iter == INTERRUPT_AT:
+        if state.run(0) is not None and state.runs[0].n_iter == INTERRUPT_AT:
             raise Interrupted
 
     with pytest.MonkeyPatch.context() as patch:
