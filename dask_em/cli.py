@@ -88,6 +88,16 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_chunk_rows_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chunk-rows",
+        type=_positive_int,
+        metavar="R",
+        help="rows per task, rounded up to whole store chunks "
+        "(default: automatic, store chunks merged up to ~32 MiB per task)",
+    )
+
+
 def _cluster(args: argparse.Namespace) -> Any:
     if (args.scheduler or args.scheduler_file) and (
         args.n_workers or args.threads_per_worker or args.memory_limit
@@ -183,7 +193,7 @@ def _fit(
         checkpoint_dir=checkpoint_dir,
         acceleration=getattr(args, "acceleration", None),
     )
-    X = open_array(data, array)
+    X = open_array(data, array, getattr(args, "chunk_rows", None))
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -214,7 +224,8 @@ def _summary(gm: GaussianMixture) -> dict[str, Any]:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    X = open_array(args.data, args.array)  # bad input fails here, before a cluster starts
+    # bad input fails here, before a cluster starts
+    X = open_array(args.data, args.array, args.chunk_rows)
     if X.shape[0] < args.n_components:
         raise DataError(
             f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
@@ -249,7 +260,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
     """The model of ``args.model`` and the data of ``args.data``, checked to match."""
     gm = load_model(args.model)
-    X = open_array(args.data, args.array)
+    gm.set_params(chunk_rows=None)  # the rows per task are chosen when opening DATA
+    X = open_array(args.data, args.array, args.chunk_rows)
     if X.shape[1] != gm.n_features_in_:
         raise DataError(
             f"{args.data} has {X.shape[1]} features but the model was fitted on "
@@ -404,7 +416,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         order = _match(truth.means, gm.means_)
         relabel = np.empty(k, dtype=np.int64)
         relabel[order] = np.arange(k)
-        true_labels = from_blocks(mixture_labels, X.chunks[0], None, np.int64, truth, seed)
+        true_labels = from_blocks(  # drawn per chunk of the generated store
+            mixture_labels, row_chunks(n, args.chunk_rows), None, np.int64, truth, seed
+        )
         predicted = da.from_zarr(str(labels)).map_blocks(relabel.__getitem__, dtype=np.int64)
         agreement = float((predicted == true_labels).mean().compute())
         t3 = time.perf_counter()
@@ -445,7 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-features", type=_positive_int, required=True)
     p.add_argument("--n-components", type=_positive_int, required=True)
     p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--chunk-rows", type=_positive_int, default=250_000)
+    p.add_argument(
+        "--chunk-rows",
+        type=_positive_int,
+        default=250_000,
+        metavar="R",
+        help="rows per chunk of the written store (default 250000)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_generate)
@@ -471,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-dir", metavar="DIR", help="save state every iteration; rerun to resume"
     )
     p.add_argument("--restart", action="store_true", help="discard the checkpoint and start over")
+    _add_chunk_rows_option(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     _add_cluster_options(p)
@@ -484,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proba", action="store_true", help="write responsibilities (n, K) instead of labels"
     )
+    _add_chunk_rows_option(p)
     p.add_argument("--quiet", action="store_true")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
@@ -492,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.zarr")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--array", metavar="NAME")
+    _add_chunk_rows_option(p)
     p.add_argument("--quiet", action="store_true")
     _add_cluster_options(p)
     p.set_defaults(func=cmd_score)

@@ -26,7 +26,14 @@ from dask_em.checkpoint import Checkpoint, content_hash, data_fingerprint
 from dask_em.em import ACCELERATIONS, EMResult, FitState, Iteration, fit_restarts
 from dask_em.errors import DataError
 from dask_em.init import INITIALIZERS, initialize
-from dask_em.io import check_data_shape_dtype, open_array, read_model, write_model
+from dask_em.io import (
+    check_chunk_rows,
+    check_data_shape_dtype,
+    open_array,
+    read_model,
+    task_rows,
+    write_model,
+)
 from dask_em.params import (
     COVARIANCE_TYPES,
     GMMParams,
@@ -35,8 +42,6 @@ from dask_em.params import (
 )
 from dask_em.passes import Steps
 from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, map_rows
-
-_NUMPY_CHUNK_BYTES = 64 * 2**20  # row-chunk size when wrapping in-memory arrays
 
 
 def _is_out_of_core(X: Any) -> bool:
@@ -47,7 +52,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     """Gaussian mixture fitted by map-reduce EM over chunked (Dask / Zarr) data.
 
     Parameters are scikit-learn's ``GaussianMixture`` ones, plus ``checkpoint_dir``,
-    ``cache`` and ``split_every``.
+    ``cache``, ``split_every`` and ``chunk_rows``.
 
     Parameters
     ----------
@@ -90,6 +95,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         never (every pass reads the source).
     split_every : int, default 8
         Maximum fan-in of the tree reduction of the per-chunk statistics.
+    chunk_rows : int or None, default None
+        Rows per Dask task. None chooses from the data alone (`dask_em.io.task_rows`):
+        Zarr input is read in whole store chunks merged up to about 32 MiB per task,
+        in-memory NumPy input is cut into about 32 MiB chunks, and a Dask array keeps
+        its chunks. An integer is used as given for NumPy and Dask input and rounded up
+        to a whole number of store chunks for Zarr input. The row chunks fix the
+        reduction order, so they are part of a checkpoint's data fingerprint.
 
     Attributes
     ----------
@@ -128,6 +140,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         acceleration: str | None = None,
         cache: bool | str = "auto",
         split_every: int = DEFAULT_SPLIT_EVERY,
+        chunk_rows: int | None = None,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -147,6 +160,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.acceleration = acceleration
         self.cache = cache
         self.split_every = split_every
+        self.chunk_rows = chunk_rows
 
     # ------------------------------------------------------------------ checks
     def _check_hyper_parameters(self) -> None:
@@ -181,11 +195,18 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             raise bad("split_every", "use an integer >= 2")
         if not is_int(self.verbose_interval) or self.verbose_interval < 1:
             raise bad("verbose_interval", "use an integer >= 1")
+        check_chunk_rows(self.chunk_rows)
 
     def _as_dask(self, X: Any, *, reset: bool) -> da.Array:
-        """Validate any accepted input and return it as a row-chunked float Dask array."""
+        """Validate any accepted input and return it as a row-chunked float Dask array.
+
+        Row chunks follow ``chunk_rows`` (see the class docstring): Zarr input is opened
+        with `task_rows` over its store chunks, NumPy input is cut with `task_rows`, and
+        a Dask array is rechunked only when ``chunk_rows`` is given.
+        """
+        rechunk = self.chunk_rows is not None
         if isinstance(X, str | os.PathLike | zarr.Array | zarr.Group):
-            X = open_array(X)
+            X, rechunk = open_array(X, chunk_rows=self.chunk_rows), False
         if isinstance(X, da.Array):
             if any(np.isnan(c) for c in X.shape):
                 raise DataError("X has unknown chunk sizes; call X.compute_chunk_sizes() first.")
@@ -193,11 +214,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if X.dtype not in (np.float32, np.float64):
                 X = X.astype(np.float64)
             self._check_n_features(X.shape[1], reset=reset)
+            if rechunk:
+                rows = task_rows(*X.shape, X.dtype.itemsize, 1, self.chunk_rows)
+                X = X.rechunk({0: rows, 1: -1})
             return X
         X = validate_data(
             self, X, dtype=[np.float64, np.float32], reset=reset, ensure_min_samples=1
         )
-        rows = max(1, _NUMPY_CHUNK_BYTES // (X.shape[1] * X.itemsize))
+        rows = task_rows(*X.shape, X.itemsize, 1, self.chunk_rows)
         return da.from_array(X, chunks=(rows, -1))
 
     def _check_n_features(self, n_features: int, *, reset: bool) -> None:

@@ -380,14 +380,16 @@ def moment_stats(
     return moments[0], s1, s2
 
 
-def _check_finite(X: np.ndarray, values: np.ndarray, chunk_index: int) -> None:
+def _check_finite(X: np.ndarray, values: np.ndarray, chunk_index: int, row_start: int) -> None:
+    """Raise naming the chunk and the first bad row (``row_start`` is the row of ``X[0]``)."""
     if np.all(np.isfinite(values)):
         return
     if not np.all(np.isfinite(X)):
-        bad = int(np.count_nonzero(~np.isfinite(X).all(axis=1)))
+        bad_rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
         raise DataError(
-            f"chunk {chunk_index} contains {bad} row(s) with NaN or infinite values; "
-            "clean or drop those rows before fitting."
+            f"chunk {chunk_index} contains {bad_rows.size} row(s) with NaN or infinite "
+            f"values, the first at row {row_start + int(bad_rows[0])}; clean or drop those "
+            "rows before fitting."
         )
     raise FloatingPointError(
         f"non-finite log-likelihood in chunk {chunk_index}: the data are too far from every "
@@ -450,7 +452,7 @@ def em_chunk(
     for start, ws in _blocks(n_samples, proj.workspace):
         xt = _centered(X, start, proj.c0, ws)
         norm, resp = _log_normalize(proj.log_prob(xt, ws), ws)
-        _check_finite(X[start : start + ws.rows], norm, chunk_index)
+        _check_finite(X[start : start + ws.rows], norm, chunk_index, row_start + start)
         if sample_weight is None:
             loglik += norm.sum(dtype=np.float64)
         else:
@@ -495,7 +497,7 @@ def random_resp_chunk(
     """
     resp = chunk_rng(seed, 1, chunk_index).uniform(size=(X.shape[0], n_components))
     resp /= resp.sum(axis=1, keepdims=True)
-    _check_finite(X, X, chunk_index)
+    _check_finite(X, X, chunk_index, row_start)
     _check_weights(sample_weight, chunk_index)
     return _weighted_resp_stats(X, sample_weight, resp, shift, covariance_type)
 
@@ -546,7 +548,7 @@ def hard_assign_chunk(
 
     Shifted by ``centers``; ``loglik`` holds minus the weighted inertia.
     """
-    _check_finite(X, X, chunk_index)
+    _check_finite(X, X, chunk_index, row_start)
     dist, label = min_sq_distances(X, centers)
     resp = np.zeros((X.shape[0], centers.shape[0]), dtype=X.dtype)
     resp[np.arange(X.shape[0]), label] = 1.0
@@ -610,7 +612,7 @@ def sample_by_distance_chunk(
     With no centers (shape (0, D)) the weights are the sample weights alone (uniform when None).
     The random stream depends only on ``(seed, stream, chunk_index)``.
     """
-    _check_finite(X, X, chunk_index)
+    _check_finite(X, X, chunk_index, row_start)
     _check_weights(sample_weight, chunk_index)
     if centers.shape[0]:
         weight, _ = min_sq_distances(X, centers)

@@ -128,6 +128,7 @@ def test_fit_on_an_external_cluster_equals_the_local_cluster_fit(
     client = external_cluster["client"]
     data = write_array(tmp_path / "data.zarr", mixture(20_000, 4, 3, seed=12), (1000, 4))
     common = ["fit", data, "--n-components", "3", "--tol", "1e-6", "--max-iter", "60"]
+    common += ["--chunk-rows", "1000"]  # 20 tasks per pass, so that both workers get some
     local = run_cli(*common, "--output", tmp_path / "local.zarr", "--quiet", *LOCAL)
     assert_ok(local)
     for option, value, name in (

@@ -55,6 +55,7 @@ def test_streaming_fit_on_worker_processes_equals_the_threaded_fit(
         covariance_type="full",
         tol=1e-3,
         cache=False,
+        chunk_rows=mixture_zarr.chunk_rows,  # one task per store chunk, spread over workers
         **given_inits(mixture_zarr.X, 4, "full"),
     )
     with get_task_stream(dask_client) as stream:
@@ -98,8 +99,8 @@ def test_lazy_predictions_compute_on_the_cluster(dask_client, mixture_zarr):
 
 def test_data_error_raised_on_a_worker_reaches_the_caller(dask_client, mixture_zarr):
     z = zarr.open_array(mixture_zarr.path, mode="r+")
-    z[9 * 130 + 3, 0] = np.inf  # in chunk 9
-    with pytest.raises(DataError, match=r"chunk 9\b"):
+    z[9 * 130 + 3, 0] = np.inf  # in store chunk 9, merged into the one automatic task
+    with pytest.raises(DataError, match=r"first at row 1173\b"):
         dask_em.GaussianMixture(4, random_state=0, cache=False).fit(mixture_zarr.path)
 
 

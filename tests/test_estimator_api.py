@@ -135,8 +135,9 @@ def test_sample_matches_sklearn_stream_shape_and_labels(covariance_type, mixture
 
 # ----------------------------------------------------------------------- inputs
 def test_zarr_array_path_and_dask_inputs_give_the_same_fit(mixture_zarr):
-    def fit(X):
-        return dask_em.GaussianMixture(4, covariance_type="diag", random_state=3).fit(X)
+    def fit(X):  # the same row chunks for every input type: one task per store chunk
+        gm = dask_em.GaussianMixture(4, covariance_type="diag", random_state=3, chunk_rows=130)
+        return gm.fit(X)
 
     from_dask = fit(mixture_zarr.dask())
     from_zarr = fit(mixture_zarr.open())
@@ -368,14 +369,14 @@ def test_bad_weights_and_means_init_are_refused(mixture_zarr):
 
 
 @pytest.mark.parametrize("init_params", ["kmeans", "given"])
-def test_nan_in_a_zarr_chunk_raises_data_error_naming_the_chunk(
+def test_nan_in_a_zarr_chunk_raises_data_error_naming_the_chunk_and_row(
     init_params, mixture_zarr, given_inits
 ):
     z = zarr.open_array(mixture_zarr.path, mode="r+")
-    z[5 * 130 + 17, 2] = np.nan  # in chunk 5
+    z[5 * 130 + 17, 2] = np.nan  # in store chunk 5
     kw = given_inits(mixture_zarr.X, 4, "full") if init_params == "given" else {}
-    gm = dask_em.GaussianMixture(4, random_state=0, cache=False, **kw)
-    with pytest.raises(DataError, match=r"chunk 5\b.*NaN"):
+    gm = dask_em.GaussianMixture(4, random_state=0, cache=False, chunk_rows=130, **kw)
+    with pytest.raises(DataError, match=r"chunk 5\b.*NaN.*first at row 667\b"):
         gm.fit(mixture_zarr.path)
 
 
