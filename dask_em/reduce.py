@@ -15,9 +15,10 @@ No EM logic here: the callers decide what the chunk functions compute.
 
 from __future__ import annotations
 
+import collections
 import functools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import dask
@@ -62,6 +63,40 @@ def _broadcast(value: Any) -> Any:
     if isinstance(value, int | float | str | bool | None):
         return value
     return dask.delayed(value, pure=True, traverse=False)
+
+
+try:  # Dask's task spec is not public API: without it, blocks stay tasks of their own
+    from dask._task_spec import Task, convert_legacy_graph
+except ImportError:  # pragma: no cover - depends on the installed Dask
+    Task = None
+
+
+def _fuse_block_tasks(result: Delayed, block_keys: Collection[Any]) -> Delayed:
+    """``result`` with the task of each block in ``block_keys`` run inside the one task using it.
+
+    In a pass, each block (a chunk read from Zarr, say) feeds one chunk task. Dask's own
+    fusion leaves them apart because the chunk task also depends on the shared
+    parameters; apart, every block becomes a result the worker stores and reports, and
+    which the scheduler may copy to another worker, before the chunk function runs. Fused,
+    a pass has half the tasks and a chunk lives only inside its task. Blocks already in
+    memory (persisted) have no task and are left as they are.
+    """
+    if Task is None or not hasattr(Task, "fuse"):
+        return result
+    graph = convert_legacy_graph(dict(result.__dask_graph__()))
+    n_dependents = collections.Counter(d for node in graph.values() for d in node.dependencies)
+    fused = dict(graph)
+    for key, node in graph.items():
+        blocks = [
+            graph[d]
+            for d in node.dependencies
+            if d in block_keys and type(graph.get(d)) is Task and n_dependents[d] == 1
+        ]
+        if blocks:
+            for block in blocks:
+                del fused[block.key]
+            fused[key] = Task.fuse(*blocks, node, key=key)
+    return Delayed(result.key, fused)
 
 
 def cluster_memory_limit() -> float:
@@ -150,7 +185,8 @@ class RowData:
         """The graph of one pass: ``chunk_fn`` over every chunk, then a fixed-order tree sum.
 
         ``chunk_fn(X_block, w_block, chunk_index, row_start, *args)`` must return a value
-        supporting ``+``. Returns the lazy result (one key).
+        supporting ``+``. Computing a block (reading it from Zarr) and ``chunk_fn`` on it
+        run as one task (see `_fuse_block_tasks`). Returns the lazy result (one key).
         """
         return self._tree_sum(self._map(chunk_fn, [_broadcast(a) for a in args]))
 
@@ -189,7 +225,14 @@ class RowData:
                 combine(*parts[j : j + self.split_every])
                 for j in range(0, len(parts), self.split_every)
             ]
-        return parts[0]
+        return _fuse_block_tasks(parts[0], self._block_keys())
+
+    def _block_keys(self) -> set[Any]:
+        """Graph keys of the data (and weight) blocks."""
+        keys = {b.key for b in self.X.to_delayed().ravel()}
+        if self.sample_weight is not None:
+            keys |= {b.key for b in self.sample_weight.to_delayed().ravel()}
+        return keys
 
     def map_reduce(self, chunk_fn: Callable[..., Any], *args: Any) -> Any:
         """Run one pass (one ``compute``) of ``chunk_fn`` over the data; see `build`."""

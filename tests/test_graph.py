@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from dask._task_spec import _execute_subgraph
 from dask.callbacks import Callback
 from dask.core import get_dependencies
 from sklearn.exceptions import ConvergenceWarning
@@ -54,10 +55,18 @@ class GraphRecorder(Callback):
 
 
 def task_func(node) -> object:
-    """The function a graph node calls (None for data nodes and aliases)."""
+    """The function a graph node calls (None for data nodes and aliases).
+
+    For tasks fused by Dask (a subgraph run as one task), the function of the subgraph's
+    output task.
+    """
     if isinstance(node, tuple) and node and callable(node[0]):
         return node[0]
-    return getattr(node, "func", None)
+    func = getattr(node, "func", None)
+    if func is _execute_subgraph:
+        subgraph, outkey = node.args[:2]
+        return task_func(subgraph[outkey])
+    return func
 
 
 def keys_calling(dsk: dict, fn) -> list:
@@ -69,9 +78,19 @@ def params_nodes(dsk: dict) -> list:
     return [k for k, v in dsk.items() if isinstance(getattr(v, "value", v), GMMParams)]
 
 
+def graph_keys(dsk: dict) -> list:
+    """Keys of a graph, with those of the subgraphs run inside fused tasks."""
+    keys = []
+    for key, node in dsk.items():
+        keys.append(key)
+        if getattr(node, "func", None) is _execute_subgraph:
+            keys.extend(graph_keys(node.args[0]))
+    return keys
+
+
 def chunk_keys(dsk: dict, array: da.Array) -> list:
-    """Keys of the blocks of ``array`` present in a graph."""
-    return [k for k in dsk if isinstance(k, tuple) and k[0] == array.name]
+    """Keys of the blocks of ``array`` present in a graph (inside fused tasks too)."""
+    return [k for k in graph_keys(dsk) if isinstance(k, tuple) and k[0] == array.name]
 
 
 def fit_quietly(gm: dask_em.GaussianMixture, X, **kw) -> dask_em.GaussianMixture:
@@ -243,6 +262,23 @@ def test_graphs_run_by_a_fit_respect_split_every(mixture_zarr, given_inits):
     for dsk in recorder.graphs:
         # 16 chunks, fan-in 3: 16 -> 6 -> 2 -> 1
         assert reduction_shape(dsk, 3) == (mixture_zarr.n_chunks, 3)
+
+
+def test_a_streamed_pass_reads_each_chunk_inside_its_chunk_task(mixture_zarr):
+    """No chunk read from Zarr is a task result of its own, stored (and maybe moved to
+    another worker) before its chunk task runs."""
+    X = mixture_zarr.dask()
+    params = GMMParams.from_covariances(
+        np.array([0.5, 0.5]), np.zeros((2, 3)), np.ones((2, 3)), "diag"
+    )
+    dsk = dict(RowData(X).build(kernels.em_chunk, params).__dask_graph__())
+    assert len(chunk_keys(dsk, X)) == mixture_zarr.n_chunks
+    assert not any(isinstance(k, tuple) and k[0] == X.name for k in dsk)
+    maps = keys_calling(dsk, kernels.em_chunk)
+    assert len(maps) == mixture_zarr.n_chunks
+    (params_key,) = params_nodes(dsk)
+    for key in maps:
+        assert params_key in get_dependencies(dsk, key)
 
 
 # ------------------------------------------------------------ shared parameters
