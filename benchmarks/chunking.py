@@ -79,7 +79,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.small:
         args.n, args.rounds, args.iters = 200_000, 1, 2
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from dask_em.cluster import local_cluster
 
     row_bytes = args.d * 8
     configs: dict[str, int | None] = {"store": args.store_rows, "auto": None}
@@ -89,12 +91,7 @@ def main() -> None:
         store = Path(tmp) / "data.zarr"
         start = write_store(store, args.n, args.d, args.k, args.store_rows, seed=0)
         with (
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",
-            ) as cluster,
+            local_cluster(args.workers, 1) as cluster,
             Client(cluster),
         ):
             results: dict[str, list[float]] = {name: [] for name in configs}

@@ -128,20 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes, args.chunk_rows, args.iters = [200_000], 50_000, 2
 
     from dask.utils import parse_bytes
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from dask_em.cluster import local_cluster
 
     limit = parse_bytes(args.memory_limit)
     workdir = args.workdir or tempfile.mkdtemp(prefix="dask-em-ooc-")
     reports = []
     try:
         with (
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=1,
-                memory_limit=args.memory_limit,
-                processes=True,
-                dashboard_address=":0",
-            ) as cluster,
+            local_cluster(args.workers, 1, args.memory_limit) as cluster,
             Client(cluster) as client,
         ):
             for rows in sizes:

@@ -118,12 +118,12 @@ def run_dask_em(
 ) -> Row:
     """dask-em on a local cluster of worker processes, data persisted or streamed from Zarr."""
     import dask.array as da
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from dask_em.cluster import local_cluster
 
     with (
-        LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
+        local_cluster(workers, 1) as cluster,
         Client(cluster),
     ):
         data = RowData(da.from_zarr(store)).persisted(cached)
@@ -269,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         blocks = da.from_array(X, chunks=(min(250_000, shape["n"]), -1))
         store_array(blocks, store)
         blocks.to_zarr(zstd_store)
+        raw_store = os.path.join(tmp, "raw.zarr")
+        blocks.to_zarr(raw_store, compressors=None)
         for path, cached, engine in [
             (store, True, "dask-em (cached)"),
             (store, False, "dask-em (streamed from Zarr)"),
+            (raw_store, False, "dask-em (streamed, raw store)"),
             (zstd_store, False, "dask-em (streamed, zstd store)"),
         ]:
             rows.append(run_dask_em(X, start, args.iters, path, cached, args.workers, engine))

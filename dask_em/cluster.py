@@ -12,10 +12,58 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from dask_em.errors import DataError
 
 CONNECT_TIMEOUT = "20s"
+
+WORKER_MALLOC_ENVIRON = {
+    "MALLOC_MMAP_THRESHOLD_": 128 * 2**20,
+    "MALLOC_TRIM_THRESHOLD_": 256 * 2**20,
+}
+"""glibc settings for the worker processes of the embedded local cluster.
+
+Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so freed memory goes back to
+the system at once. Then every chunk read from Zarr on every pass (tens of MB) lands on
+fresh pages, and the page faults cost more than decoding: streaming shape A
+(``benchmarks/peers.py``) took 1.5x the cached time. Buffers of up to 128 MiB from the
+heap, and up to 256 MiB of freed heap kept per process, let the next pass reuse the
+same pages (streaming 1.1x cached); a worker's memory stays bounded by its largest
+working set, as the out-of-core benchmark checks. Workers of a cluster dask-em does not
+start keep their own settings (see the README's Clusters section)."""
+
+
+def local_cluster(
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | float | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A ``distributed.LocalCluster`` of worker processes with `WORKER_MALLOC_ENVIRON`.
+
+    Parameters
+    ----------
+    n_workers, threads_per_worker : int, optional
+        Dask's defaults when None.
+    memory_limit : str or float, optional
+        Per worker, e.g. ``'2GiB'``; Dask's split of the machine's memory when None.
+    **kwargs
+        Passed to ``LocalCluster``.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENVIRON}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit if memory_limit is not None else "auto",
+            processes=True,
+            dashboard_address=kwargs.pop("dashboard_address", ":0"),
+            **kwargs,
+        )
 
 
 @contextmanager
@@ -51,7 +99,7 @@ def connect(
     DataError
         If the scheduler cannot be reached or the scheduler file is missing.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler is not None and scheduler_file is not None:
         raise DataError("give either --scheduler or --scheduler-file, not both.")
@@ -75,12 +123,10 @@ def connect(
         with client:
             yield client
         return
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=threads_per_worker,
-        memory_limit=memory_limit if memory_limit is not None else "auto",
-        processes=True,
-        dashboard_address=":0",
+    cluster = local_cluster(
+        n_workers,
+        threads_per_worker,
+        memory_limit,
         # A task's exception reaches the caller, which reports it once; the workers'
         # "Compute Failed" ERROR logs would repeat it on stderr with a traceback.
         silence_logs=logging.CRITICAL,

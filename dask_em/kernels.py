@@ -48,6 +48,15 @@ BLOCK_ROWS = 4096
 BLAS sees products of shape (K*D, D) x (D, BLOCK_ROWS), which it runs at speed (a single
 product over a tall, skinny chunk runs far slower)."""
 
+BLOCK_ELEMENTS = 2**18
+"""Target size of a full-covariance projection block (K*D values per row): 2 MB in
+float64. Measured on one core at K=16, D=32 (shape B), `em_chunk` ran 1.4-1.5x faster
+with 512-row blocks than with 4,096-row ones (whose 16 MB projection block falls out of
+cache); at K=5, D=8 the rule keeps 4,096 rows."""
+
+MIN_BLOCK_ROWS = 256
+"""Fewest rows per block (below this, per-block Python overhead shows)."""
+
 
 @dataclass(frozen=True)
 class _Projection:
@@ -123,6 +132,17 @@ class _Projection:
             dtype,
         )
 
+    @property
+    def block_rows(self) -> int:
+        """Rows per block: `BLOCK_ROWS`, fewer for full covariances with many ``K*D``
+        projections, so that the (K*D, rows) projection block stays about
+        `BLOCK_ELEMENTS` values (in cache) instead of tens of MB."""
+        if self.covariance_type != "full":
+            return BLOCK_ROWS
+        per_row = self.A.shape[0]  # K*D
+        rows = 1 << max(int(BLOCK_ELEMENTS // per_row).bit_length() - 1, 0)
+        return int(min(max(rows, MIN_BLOCK_ROWS), BLOCK_ROWS))
+
     def workspace(self, rows: int) -> _Workspace:
         """Buffers for blocks of ``rows`` rows, reused block after block.
 
@@ -183,12 +203,12 @@ class _Workspace:
 
 
 def _blocks(
-    n_rows: int, workspace: Callable[[int], _Workspace]
+    n_rows: int, workspace: Callable[[int], _Workspace], block_rows: int = BLOCK_ROWS
 ) -> Iterator[tuple[int, _Workspace]]:
     """``(start, workspace)`` for each block of a chunk; one workspace serves all full blocks."""
-    full = workspace(min(BLOCK_ROWS, n_rows)) if n_rows else None
-    for start in range(0, n_rows, BLOCK_ROWS):
-        rows = min(BLOCK_ROWS, n_rows - start)
+    full = workspace(min(block_rows, n_rows)) if n_rows else None
+    for start in range(0, n_rows, block_rows):
+        rows = min(block_rows, n_rows - start)
         yield start, (full if full is not None and rows == full.rows else workspace(rows))
 
 
@@ -292,7 +312,7 @@ def log_gaussian_prob(
         X.dtype,
     )
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
-    for start, ws in _blocks(X.shape[0], proj.workspace):
+    for start, ws in _blocks(X.shape[0], proj.workspace, proj.block_rows):
         out[start : start + ws.rows] = proj.log_prob(_centered(X, start, proj.c0, ws), ws).T
     return out
 
@@ -334,7 +354,7 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     proj = _Projection.of(params, X.dtype)
     norm = np.empty(X.shape[0], dtype=X.dtype)
     log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
-    for start, ws in _blocks(X.shape[0], proj.workspace):
+    for start, ws in _blocks(X.shape[0], proj.workspace, proj.block_rows):
         lp = proj.log_prob(_centered(X, start, proj.c0, ws), ws)
         block_norm, _ = _log_normalize(lp.copy(), ws)
         norm[start : start + ws.rows] = block_norm
@@ -449,7 +469,7 @@ def em_chunk(
         np.zeros(second_moment_shape(cov_type, n_components, n_features)),
     )
     loglik = 0.0
-    for start, ws in _blocks(n_samples, proj.workspace):
+    for start, ws in _blocks(n_samples, proj.workspace, proj.block_rows):
         xt = _centered(X, start, proj.c0, ws)
         norm, resp = _log_normalize(proj.log_prob(xt, ws), ws)
         _check_finite(X[start : start + ws.rows], norm, chunk_index, row_start + start)

@@ -99,6 +99,41 @@ def _fuse_block_tasks(result: Delayed, block_keys: Collection[Any]) -> Delayed:
     return Delayed(result.key, fused)
 
 
+def _distributed_client() -> Any:
+    """The ``distributed.Client`` that Dask's ``compute`` would run on now, or None.
+
+    None also when a client exists but another scheduler is in force (e.g. inside
+    ``dask.config.set(scheduler="threads")``).
+    """
+    try:
+        from distributed import Client
+    except ImportError:
+        return None
+    owner = getattr(dask.base.get_scheduler(), "__self__", None)
+    return owner if isinstance(owner, Client) else None
+
+
+def _persist_spread(
+    client: Any, X: da.Array, w: da.Array | None
+) -> tuple[da.Array, da.Array | None]:
+    """Persist ``X`` (and ``w``) with row chunk ``i`` on worker ``i mod n_workers``.
+
+    Every pass then finds the chunks evenly spread, instead of wherever the reads
+    happened to run (3 of 4 chunks on one worker makes a pass 1.5x longer). The
+    placement is a preference (``allow_other_workers``): a chunk lost with its worker is
+    recomputed on any other.
+    """
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    x_parts, w_parts = [], []
+    for i in range(len(X.chunks[0])):
+        where = {"workers": [workers[i % len(workers)]], "allow_other_workers": True}
+        x_parts.append(client.persist(X.blocks[i], **where))
+        if w is not None:
+            w_parts.append(client.persist(w.blocks[i], **where))
+    X = da.concatenate(x_parts, axis=0)
+    return X, (da.concatenate(w_parts, axis=0) if w is not None else None)
+
+
 def cluster_memory_limit() -> float:
     """Total memory limit of the workers, in bytes.
 
@@ -108,11 +143,8 @@ def cluster_memory_limit() -> float:
     import psutil
 
     machine = float(psutil.virtual_memory().available)
-    try:
-        from distributed import get_client
-
-        client = get_client()
-    except (ImportError, ValueError):
+    client = _distributed_client()
+    if client is None:
         return machine
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return float(sum(w.get("memory_limit") or machine for w in workers)) or machine
@@ -176,7 +208,11 @@ class RowData:
         if not cache:
             return self
         X, w = self.X, self.sample_weight
-        X, w = dask.persist(X, w) if w is not None else (X.persist(), None)
+        client = _distributed_client()
+        if client is not None:
+            X, w = _persist_spread(client, X, w)
+        else:
+            X, w = dask.persist(X, w) if w is not None else (X.persist(), None)
         data = RowData(X, w, self.split_every)
         data.n_passes = self.n_passes
         return data

@@ -9,15 +9,18 @@ with `parity_log`).
 
 from __future__ import annotations
 
+from collections import Counter
+
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import Client, LocalCluster, futures_of, get_task_stream, wait
 
 import dask_em
 from dask_em.errors import DataError
+from dask_em.reduce import RowData
 
 FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
@@ -83,6 +86,20 @@ def test_kmeans_fit_on_the_cluster_equals_local_threaded_and_sync_fits(
         single_thread = dask_em.GaussianMixture(**params).fit(mixture_zarr.path)
     assert_identical(on_cluster, local, parity_log, "2 workers vs threads (kmeans)")
     assert_identical(single_thread, local, parity_log, "sync vs threads (kmeans)")
+
+
+def test_cached_chunks_are_spread_evenly_over_the_workers(dask_client, mixture_zarr):
+    """Persisted row chunks are placed round-robin, not wherever the reads happened to
+    run, so every pass over cached data keeps both workers equally busy."""
+    X = da.from_zarr(mixture_zarr.path, chunks=(mixture_zarr.chunk_rows, -1))
+    data = RowData(X).persisted(True)
+    futures = futures_of(data.X)
+    assert len(futures) == mixture_zarr.n_chunks
+    wait(futures)
+    holders = Counter(w for ws in dask_client.who_has(futures).values() for w in ws)
+    assert set(holders) == set(dask_client.scheduler_info()["workers"])
+    assert max(holders.values()) - min(holders.values()) <= 1
+    np.testing.assert_array_equal(data.X.compute(), mixture_zarr.X)
 
 
 def test_lazy_predictions_compute_on_the_cluster(dask_client, mixture_zarr):
