@@ -1,0 +1,75 @@
+"""The benchmark scripts run end to end on tiny data (``--small``) and print their tables.
+
+Only that they run and report consistent numbers is checked here: timings are never
+asserted (the numbers that matter are in the README, with the commands that made them).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--small", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_peers_times_every_engine_from_the_same_start_and_agrees_with_sklearn() -> None:
+    out = run("peers.py", "--peers", "sklearn")
+    rows = {
+        m.group(1).strip(): m.groups()[1:]
+        for m in re.finditer(
+            r"^(dask-em \([^)]*\)|scikit-learn)\s+([\d.]+)\s+([\d.]+)x\s.*?(-?\d+\.\d+)\s+([\d.e+-]+|nan)\s",
+            out,
+            re.MULTILINE,
+        )
+    }
+    assert {"dask-em (cached)", "dask-em (streamed from Zarr)", "scikit-learn"} <= set(rows), out
+    assert "matmul" in out and "GFLOP" in out
+    for engine, (_, _, _, rel) in rows.items():  # same start, same iterations: same result
+        assert float(rel) <= 1e-7, (engine, out)
+
+
+def test_acceleration_counts_passes_of_plain_em_and_squarem() -> None:
+    out = run("acceleration.py")
+    passes = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^\s+\d+\s+(plain|squarem)\s+(\d+)\s", out, re.MULTILINE)
+    }
+    assert set(passes) == {"plain", "squarem"}, out
+    assert passes["squarem"] < passes["plain"]
+
+
+def test_restarts_share_passes() -> None:
+    out = run("restarts.py")
+    passes = {
+        int(m.group(1)): int(m.group(2))
+        for m in re.finditer(r"^\s+(\d+)\s+(\d+)\s+\d+\s", out, re.MULTILINE)
+    }
+    assert set(passes) == {1, 5}, out
+    assert passes[5] <= passes[1] + 5  # not 5x: every pass serves all candidates
+
+
+@pytest.mark.slow
+def test_out_of_core_reports_memory_and_spill() -> None:
+    out = run("out_of_core.py")
+    assert re.search(r"peak worker RSS\s+\d+ MiB of \d+ MiB\s+spilled keys 0", out), out
+
+
+@pytest.mark.slow
+def test_chunking_compares_task_sizes() -> None:
+    out = run("chunking.py")
+    assert re.search(r"^\s+auto\s", out, re.MULTILINE), out
