@@ -1,8 +1,8 @@
 """The EM driver: iterate E-step passes and M-steps until the lower bound settles.
 
 `em_steps` (plain) and `squarem_steps` (accelerated) run one initialization as
-coroutines that ask for E-step passes (`dask_em.passes`); `run_em` / `run_squarem`
-serve them with an ``e_step`` function. `fit_restarts` runs ``n_init`` initializations
+coroutines that ask for E-step passes (`dask_em.passes`); `run_em` serves one with an
+``e_step`` function. `fit_restarts` runs ``n_init`` initializations
 and their EM runs side by side, sharing every pass over the data, keeps the best, and
 can resume from a saved `FitState`. Nothing here knows of Dask, files or the CLI:
 callers supply the passes and get optional hooks after every iteration (progress
@@ -299,14 +299,6 @@ STEPS: dict[str | None, Callable[..., Steps[EMResult]]] = {None: em_steps, "squa
 ACCELERATIONS = tuple(STEPS)
 
 
-def _serve_e_steps(steps: Steps[EMResult], e_step: Callable[[GMMParams], SuffStats]) -> EMResult:
-    return serve_alone(steps, lambda p: e_step(p.args[0]), _no_rows)
-
-
-def _no_rows(indices: np.ndarray) -> np.ndarray:
-    raise AssertionError("EM runs ask for passes only")
-
-
 def run_em(
     e_step: Callable[[GMMParams], SuffStats],
     start: EMResult,
@@ -315,28 +307,18 @@ def run_em(
     max_iter: int,
     reg_covar: float,
     callback: Callable[[Iteration], None] | None = None,
+    acceleration: str | None = None,
 ) -> EMResult:
-    """`em_steps` with each E-step served by ``e_step(params) -> SuffStats`` (one pass)."""
-    return _serve_e_steps(
-        em_steps(start, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=callback),
-        e_step,
+    """One EM run (`em_steps`, or `squarem_steps` with ``acceleration='squarem'``) with
+    each E-step served by ``e_step(params) -> SuffStats`` (one pass over the data)."""
+    steps = STEPS[acceleration](
+        start, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=callback
     )
+    return serve_alone(steps, lambda p: e_step(p.args[0]), _no_rows)  # type: ignore[no-any-return]
 
 
-def run_squarem(
-    e_step: Callable[[GMMParams], SuffStats],
-    start: EMResult,
-    *,
-    tol: float,
-    max_iter: int,
-    reg_covar: float,
-    callback: Callable[[Iteration], None] | None = None,
-) -> EMResult:
-    """`squarem_steps` with each E-step served by ``e_step(params) -> SuffStats``."""
-    return _serve_e_steps(
-        squarem_steps(start, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=callback),
-        e_step,
-    )
+def _no_rows(indices: np.ndarray) -> np.ndarray:
+    raise AssertionError("EM runs ask for passes only")
 
 
 @dataclass(frozen=True)
