@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     DIR/manifest.json           the commit point: format, fingerprint, committed states (newest first)
     DIR/state-000012/state.json the state's scalars and the SHA-256 of each array file
     DIR/state-000012/*.npy      the arrays (NumPy format, loaded with allow_pickle=False)
+    DIR/lock                    while a fit uses the directory: its pid, host and start time
 
 `Checkpoint.save` writes a new state under a temporary name, fsyncs it, renames it to
 ``state-NNNNNN`` and then replaces ``manifest.json`` with ``os.replace``; a crash at any
@@ -12,17 +13,28 @@ instant leaves the previous manifest and its states intact. The last `KEEP_STATE
 committed states are kept, so a damaged newest state (truncated file, flipped bit: the
 checksums catch both) falls back to the one before. `Checkpoint.load` refuses a
 checkpoint made for other data or other hyper-parameters (`CheckpointMismatch`, naming
-the difference) and raises `CheckpointDamaged` when no committed state is intact.
+the difference) and raises `CheckpointDamaged` when no committed state is intact. A
+state holding any file but its ``state.json`` and listed arrays, or an array that is not
+plain floating-point ``.npy`` (an object array would need unpickling), is damaged:
+nothing in a checkpoint is ever unpickled. `checkpoint_lock` gives one fit at a time
+the use of a directory (`CheckpointLocked` for the others).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +132,10 @@ class Checkpoint:
         self.directory = Path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         self._sequence: int | None = None
+
+    def lock(self) -> AbstractContextManager[None]:
+        """Hold this checkpoint's lock (see `checkpoint_lock`) in a ``with`` block."""
+        return checkpoint_lock(self.directory)
 
     # ------------------------------------------------------------------- save
     def save(self, state: FitState, n_passes: int) -> None:
@@ -241,7 +257,11 @@ class Checkpoint:
         names = self._committed_names()
         if not names:
             if any(self.directory.iterdir()) and not (self.directory / MANIFEST).exists():
-                leftovers = [p.name for p in self.directory.iterdir() if not p.name.startswith(".")]
+                leftovers = [
+                    p.name
+                    for p in self.directory.iterdir()
+                    if not p.name.startswith(".") and p.name != LOCK
+                ]
                 if leftovers:
                     raise CheckpointDamaged(
                         f"{self.directory} is not a dask-em checkpoint (it holds {leftovers[0]!r}); "
@@ -252,13 +272,14 @@ class Checkpoint:
         for name in names:
             try:
                 meta = self._verified_meta(self.directory / name)
+                state = self._state_from(self.directory / name, meta)
             except _Damaged as err:
                 skipped.append(f"{name}: {err}")
                 continue
             if check_fingerprint:
                 self._check_fingerprint(meta["fingerprint"])
             return Loaded(
-                self._state_from(self.directory / name, meta),
+                state,
                 meta["n_passes"],
                 meta["sequence"],
                 skipped,
@@ -288,6 +309,17 @@ class Checkpoint:
         actual = content_hash(np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
         if claimed != actual:
             raise _Damaged("state.json fails its checksum")
+        expected = {
+            f"run{index}_{name}.npy"
+            for index, run in enumerate(meta["runs"])
+            if run is not None
+            for name in _PARAM_ARRAYS
+        }
+        if set(meta["files"]) != expected:
+            raise _Damaged("state.json lists other array files than its runs need")
+        unexpected = sorted({p.name for p in path.iterdir()} - expected - {"state.json"})
+        if unexpected:  # never read: a state holds nothing but state.json and its arrays
+            raise _Damaged(f"it holds {unexpected[0]!r}, which is not part of a dask-em state")
         for fname, digest in meta["files"].items():
             if not (path / fname).exists():
                 raise _Damaged(f"{fname} is missing")
@@ -331,10 +363,7 @@ class Checkpoint:
             if info is None:
                 runs.append(None)
                 continue
-            arrays = [
-                np.load(path / f"run{index}_{name}.npy", allow_pickle=False)
-                for name in _PARAM_ARRAYS
-            ]
+            arrays = [_read_npy(path / f"run{index}_{name}.npy") for name in _PARAM_ARRAYS]
             runs.append(
                 EMResult(
                     GMMParams(*arrays, info["covariance_type"]),
@@ -352,20 +381,55 @@ class _Damaged(Exception):
     """One state failed verification (internal: load falls back to an older state)."""
 
 
+def _read_npy(path: Path) -> np.ndarray:
+    """The floating-point array of a ``.npy`` file, read without ever unpickling.
+
+    Raises
+    ------
+    _Damaged
+        If the file is not a plain ``.npy`` array (an object array would need
+        unpickling: it is refused unread) or its dtype is not floating point.
+    """
+    try:
+        with open(path, "rb") as f:
+            array = np.lib.format.read_array(f, allow_pickle=False)
+    except (OSError, ValueError):
+        raise _Damaged(
+            f"{path.name} is not a plain numeric .npy array (object arrays are never unpickled)"
+        ) from None
+    if array.dtype.kind != "f":
+        raise _Damaged(f"{path.name} holds dtype {array.dtype}, not floating point")
+    return array
+
+
 def discard(directory: str | os.PathLike[str]) -> None:
     """Delete a checkpoint directory's states and manifest (``--restart``).
 
     Refuses (`CheckpointDamaged`) a non-empty directory that does not look like a
-    checkpoint, so a mistyped path never deletes unrelated files.
+    checkpoint, so a mistyped path never deletes unrelated files, and
+    (`CheckpointLocked`) a checkpoint another fit is using.
     """
     path = Path(directory)
     if not path.exists():
         return
+    _checkpoint_entries(path)  # refuse a foreign directory before writing a lock in it
+    with checkpoint_lock(path):
+        for p in _checkpoint_entries(path):
+            if p.name == LOCK:
+                continue  # ours: removed when the lock is released
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _checkpoint_entries(path: Path) -> list[Path]:
+    """The entries of a checkpoint directory; `CheckpointDamaged` if one is not ours."""
     entries = list(path.iterdir())
     ours = [
         p
         for p in entries
-        if p.name == MANIFEST or p.name.startswith(("state-", ".tmp-", f".{MANIFEST}.tmp-"))
+        if p.name in (MANIFEST, LOCK) or p.name.startswith(("state-", ".tmp-", f".{MANIFEST}.tmp-"))
     ]
     if len(ours) != len(entries):
         other = next(p.name for p in entries if p not in ours)
@@ -373,11 +437,7 @@ def discard(directory: str | os.PathLike[str]) -> None:
             f"{path} holds {other!r}, which is not part of a dask-em checkpoint; "
             "refusing to delete it: choose another --checkpoint-dir."
         )
-    for p in ours:
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    return ours
 
 
 def data_fingerprint(
@@ -415,3 +475,148 @@ def data_fingerprint(
         "content": content_hash(*sampled)[:16],
         "sample_weight": sample_weight is not None,
     }
+
+
+# -------------------------------------------------------------------- lock
+LOCK = "lock"
+"""Name of the lock file inside a checkpoint directory while a fit uses it."""
+
+_log = logging.getLogger(__name__)
+_held: dict[Path, _Held] = {}
+_held_guard = threading.Lock()
+
+
+class CheckpointLocked(DataError):
+    """Another fit is using the checkpoint directory."""
+
+
+@dataclass
+class _Held:
+    """A lock this process holds: its open file, owning thread and nesting depth."""
+
+    fd: int
+    thread: int
+    depth: int
+    created_dir: bool
+
+
+def _lock_owner(fd: int) -> str:
+    """Who holds a lock, from the JSON its holder wrote in the lock file."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its details yet"
+
+
+def _try_lock(path: Path) -> int:
+    """Open and ``flock`` the lock file at ``path``; return its descriptor.
+
+    Retries when the file was unlinked (released) between open and lock, so two
+    processes never hold locks on different files of the same name.
+
+    Raises
+    ------
+    CheckpointLocked
+        If another open file of ``path`` holds the lock.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _lock_owner(fd)
+            os.close(fd)
+            raise CheckpointLocked(
+                f"checkpoint {path.parent} is in use by another fit ({owner}); wait for it "
+                "to end, or use another --checkpoint-dir."
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _write_owner(fd: int, path: Path) -> None:
+    """Record this process in the lock file, noting a stale record left by a dead one."""
+    previous = os.pread(fd, 4096, 0)
+    if previous:
+        _log.warning(
+            "checkpoint %s: taking over a stale lock (%s, no longer running)",
+            path.parent,
+            _lock_owner(fd),
+        )
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    os.fsync(fd)
+
+
+@contextmanager
+def checkpoint_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock of a checkpoint directory for the duration of the ``with`` block.
+
+    The lock is an exclusive ``flock`` on ``DIR/lock``, which holds the JSON
+    ``{pid, host, started}`` of its holder. The kernel releases it when the holder's
+    process ends, however it ends (SIGKILL too), so a lock file left behind is stale
+    by construction and the next fit takes it over, logging that it did. It is
+    re-entrant in the thread that holds it (``--restart`` discards, then fits); another
+    thread or process is refused. On exit the lock file is removed, and the directory
+    too if the lock created it and nothing else was written there.
+
+    Parameters
+    ----------
+    directory : str or path
+        The checkpoint directory; created if missing.
+
+    Raises
+    ------
+    CheckpointLocked
+        If another process, or another thread of this one, holds the lock.
+    """
+    path = Path(directory).absolute()
+    with _held_guard:
+        held = _held.get(path)
+        if held is not None and held.thread != threading.get_ident():
+            raise CheckpointLocked(
+                f"checkpoint {path} is in use by another fit in this process; "
+                "use another checkpoint_dir."
+            )
+        if held is None:
+            created = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = _try_lock(path / LOCK)
+            except CheckpointLocked:
+                if created:
+                    _remove_if_empty(path)
+                raise
+            held = _Held(fd, threading.get_ident(), 0, created)
+            _held[path] = held
+            _write_owner(fd, path / LOCK)
+        held.depth += 1
+    try:
+        yield
+    finally:
+        with _held_guard:
+            held.depth -= 1
+            if held.depth == 0:
+                del _held[path]
+                (path / LOCK).unlink(missing_ok=True)  # before unlocking: see `_try_lock`
+                os.close(held.fd)
+                if held.created_dir:
+                    _remove_if_empty(path)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass

@@ -18,6 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 
 from dask_em import __version__
-from dask_em.checkpoint import MANIFEST, Checkpoint, discard
+from dask_em.checkpoint import LOCK, MANIFEST, Checkpoint, checkpoint_lock, discard
 from dask_em.cluster import connect
 from dask_em.datasets import mixture_labels, mixture_rows, true_params
 from dask_em.errors import DataError
@@ -232,13 +233,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{args.n_components}; use fewer components or more data."
         )
     check_output(args.output)
-    if args.restart and args.checkpoint_dir:
-        discard(args.checkpoint_dir)
-    elif args.restart:
+    if args.restart and not args.checkpoint_dir:
         raise DataError("--restart discards a checkpoint: give --checkpoint-dir too.")
-    with _cluster(args):
-        gm, seconds = _fit(args, args.data, args.array, args.checkpoint_dir)
-        gm.save(args.output)
+    # held from the discarding of --restart to the end (the fit takes it again, re-entrantly)
+    with checkpoint_lock(args.checkpoint_dir) if args.checkpoint_dir else nullcontext():
+        if args.restart:
+            discard(args.checkpoint_dir)
+        with _cluster(args):
+            gm, seconds = _fit(args, args.data, args.array, args.checkpoint_dir)
+            gm.save(args.output)
     summary = {
         **_summary(gm),
         "seconds": round(seconds, 3),
@@ -311,10 +314,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.name.startswith("state-") and (path / "state.json").exists():
         path = path.parent  # a state directory: describe its checkpoint
-    if (path / MANIFEST).exists() or any(path.glob("state-*")):
+    if (path / MANIFEST).exists() or (path / LOCK).exists() or any(path.glob("state-*")):
         loaded = Checkpoint(path, {}).load(check_fingerprint=False)
         if loaded is None:
-            raise DataError(f"{args.path} holds no checkpoint state.")
+            raise DataError(
+                f"{args.path} holds no checkpoint state yet (a fit may be starting on it)."
+            )
         state = loaded.state
         run = state.best
         if run is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import dask.array as da
@@ -83,7 +84,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         every iteration. A later ``fit`` with the same data and hyper-parameters resumes
         from it and ends with the same result as an uninterrupted fit; a checkpoint of
         other data or hyper-parameters is refused (`dask_em.checkpoint.CheckpointMismatch`).
-        Delete the directory to start over. ``max_iter`` may differ on resume.
+        Delete the directory to start over. ``max_iter`` may differ on resume. The fit
+        holds the directory's lock (`dask_em.checkpoint.checkpoint_lock`): a second fit
+        on it meanwhile is refused (`dask_em.checkpoint.CheckpointLocked`).
     acceleration : {None, 'squarem'}, default None
         ``'squarem'`` extrapolates every two EM iterations (Varadhan & Roland 2008) with
         a monotonicity safeguard: fewer passes to a tight ``tol`` on overlapping
@@ -302,15 +305,35 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         )
         data = RowData(Xd, self._as_sample_weight(sample_weight, Xd), self.split_every)
         checkpoint = self._checkpoint(data, inits)
-        data = data.persisted(self.cache)
+        # a fit refused for its checkpoint's lock has not persisted anything
+        with checkpoint.lock() if checkpoint is not None else nullcontext():
+            best, passes = self._run(data.persisted(self.cache), inits, checkpoint)
+        self._set_fitted(best.params)
+        self.converged_ = bool(best.converged)
+        self.n_iter_ = int(best.n_iter)
+        self.lower_bound_ = float(best.lower_bound)
+        self.lower_bounds_ = list(best.lower_bounds)
+        self.n_passes_ = passes
+        if not self.converged_ and self.max_iter > 0:
+            warnings.warn(
+                "Best performing initialization did not converge. Try different init "
+                "parameters, or increase max_iter, tol, or check for degenerate data.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
 
+    def _run(
+        self, data: RowData, inits: tuple[Any, Any, Any], checkpoint: Checkpoint | None
+    ) -> tuple[EMResult, int]:
+        """Run (or resume) the initializations to the end; return the best and the passes made."""
         do_init = not (self.warm_start and hasattr(self, "converged_"))
         loaded = checkpoint.load() if checkpoint is not None else None
         if loaded is not None:
             state, passes_before = loaded.state, loaded.n_passes
             for reason in loaded.skipped:
                 warnings.warn(
-                    f"checkpoint state {reason}; resuming from an older state", stacklevel=2
+                    f"checkpoint state {reason}; resuming from an older state", stacklevel=3
                 )
             if self.verbose >= 1:
                 print(f"Resuming {state.describe()} from {self.checkpoint_dir}", file=sys.stderr)
@@ -351,20 +374,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             on_state=save,
             acceleration=self.acceleration,
         )
-        self._set_fitted(best.params)
-        self.converged_ = bool(best.converged)
-        self.n_iter_ = int(best.n_iter)
-        self.lower_bound_ = float(best.lower_bound)
-        self.lower_bounds_ = list(best.lower_bounds)
-        self.n_passes_ = int(passes_before + data.n_passes)
-        if not self.converged_ and self.max_iter > 0:
-            warnings.warn(
-                "Best performing initialization did not converge. Try different init "
-                "parameters, or increase max_iter, tol, or check for degenerate data.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        return self
+        return best, int(passes_before + data.n_passes)
 
     def _checkpoint(self, data: RowData, inits: tuple[Any, Any, Any]) -> Checkpoint | None:
         """The checkpoint of this fit, bound to the data and the hyper-parameters that shape it."""

@@ -12,8 +12,10 @@ Arrays that dask-em writes (generated data, predictions) use `ARRAY_COMPRESSORS`
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -46,6 +48,105 @@ counts: a chunk of float64 mixture rows decodes in about half the time of Zarr 3
 default (Zstandard, level 0), and takes 94% of its raw size where Zstandard takes 97%
 (int64 labels: 8% and 7%). Zstandard compresses better data with many repeated values
 (rounded decimals), which dask-em does not write."""
+
+
+UNSAFE_CODECS = ("pickle", "json", "msgpack", "vlen", "categorize", "object")
+"""Fragments of codec names that dask-em refuses to decode: codecs that unpickle (numcodecs
+``Pickle``) or decode into Python objects (JSON, MsgPack, variable-length strings and
+bytes, Categorize). Data arrays and model arrays must be numeric with numeric codecs."""
+
+
+def _codec_names(meta: dict[str, Any]) -> list[str]:
+    """Names of the codecs of Zarr array metadata (as stored, or ``metadata.to_dict()``).
+
+    Zarr v2: the ``id`` of each filter and of the compressor; Zarr v3: the ``name`` of
+    each codec, with the inner and index codecs of sharding.
+    """
+    if meta.get("zarr_format") == 2:
+        specs: list[Any] = [*(meta.get("filters") or []), meta.get("compressor")]
+    else:
+        specs = list(meta.get("codecs") or [])
+    names = []
+    while specs:
+        spec = specs.pop()
+        if not isinstance(spec, dict):
+            continue
+        names.append(str(spec.get("id", spec.get("name", ""))))
+        config = spec.get("configuration")
+        if isinstance(config, dict):
+            specs += [*(config.get("codecs") or []), *(config.get("index_codecs") or [])]
+    return names
+
+
+def check_dtype_and_codecs(meta: dict[str, Any], numeric: bool, dtype: str, name: str) -> None:
+    """Raise DataError for a non-numeric dtype or a codec that unpickles or makes objects.
+
+    Called on metadata alone, before any chunk is read (or decoded).
+
+    Parameters
+    ----------
+    meta : dict
+        Zarr array metadata: the JSON of ``.zarray`` / ``zarr.json``, or
+        ``zarr.Array.metadata.to_dict()``.
+    numeric : bool
+        Whether the array's dtype is real numeric (integer or floating point).
+    dtype : str
+        The dtype, as the message shows it.
+    name : str
+        What to call the array in the message.
+    """
+    unsafe = [c for c in _codec_names(meta) if any(f in c.lower() for f in UNSAFE_CODECS)]
+    if not numeric:
+        how = f" (encoded with the {unsafe[0]!r} codec)" if unsafe else ""
+        raise DataError(
+            f"{name} has dtype {dtype}{how}, which is not a real numeric type; "
+            "store the data as float32 or float64."
+        )
+    if unsafe:
+        raise DataError(
+            f"{name} is encoded with the {unsafe[0]!r} codec, which decodes by unpickling or "
+            "into Python objects; dask-em never decodes such data: rewrite it as a "
+            "float32 or float64 array with numeric codecs (e.g. Blosc, Zstd)."
+        )
+
+
+def _check_stored_metadata(path: Path, name: str) -> None:
+    """Check the stored metadata of a local Zarr array before Zarr parses it.
+
+    Zarr itself refuses some object arrays with an obscure message, and parsing
+    metadata may instantiate codecs; this names the non-numeric dtype or the codec
+    (`check_dtype_and_codecs`) first. A path without array metadata is left to Zarr.
+    """
+    for fname in (".zarray", "zarr.json"):
+        try:
+            meta = json.loads((path / fname).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict) or meta.get("node_type", "array") != "array":
+            return
+        meta.setdefault("zarr_format", 2 if fname == ".zarray" else 3)
+        dtype = meta.get("dtype", meta.get("data_type"))
+        shown = dtype if isinstance(dtype, str) else json.dumps(dtype)
+        check_dtype_and_codecs(meta, _numeric_dtype_name(dtype), shown, name)
+        return
+
+
+def _numeric_dtype_name(dtype: Any) -> bool:
+    """Whether stored Zarr dtype metadata (v2 ``dtype`` or v3 ``data_type``) is real numeric."""
+    if not isinstance(dtype, str):
+        return False  # structured (a list) or an extension data type (a dict)
+    if re.fullmatch(r"(u?int|float)\d+", dtype):
+        return True
+    try:
+        return np.dtype(dtype).kind in "fiu"
+    except TypeError:
+        return False
+
+
+def _check_node(node: zarr.Array, name: str) -> None:
+    """Refuse (DataError) an opened array whose dtype or codecs dask-em does not decode."""
+    numeric = getattr(node.dtype, "kind", "O") in "fiu"
+    check_dtype_and_codecs(node.metadata.to_dict(), numeric, str(node.dtype), name)
 
 
 def _describe(source: Any) -> str:
@@ -143,6 +244,9 @@ def open_array(
         location = os.fspath(source)
         if "://" not in location and not os.path.exists(location):
             raise DataError(f"no such file or directory: {location!r}; check the data path.")
+        if "://" not in location:
+            stored = Path(location) / array if array is not None else Path(location)
+            _check_stored_metadata(stored, repr(os.fspath(stored)))
         try:
             node = zarr.open(location, mode="r")
         except (FileNotFoundError, ValueError, KeyError) as err:
@@ -170,6 +274,7 @@ def open_array(
         raise DataError(
             f"{_describe(source)!r} is not a Zarr array; pass the path of a Zarr array."
         )
+    _check_node(node, repr(_describe(source)))  # before any chunk is read
     check_data_shape_dtype(node.shape, node.dtype, _describe(source))
     itemsize = 4 if node.dtype == np.float32 else 8  # other dtypes are fitted as float64
     rows = task_rows(node.shape[0], node.shape[1], itemsize, node.chunks[0], chunk_rows)
@@ -341,10 +446,13 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
     cov_type = attrs.get("covariance_type")
     if cov_type not in COVARIANCE_TYPES:
         raise DataError(f"{location!r} has an unknown covariance_type {cov_type!r}.")
+    for name in _MODEL_ARRAYS:  # before Zarr parses any array's metadata
+        _check_stored_metadata(Path(location) / name, f"the model array {location}/{name}")
     arrays = {}
     for name in _MODEL_ARRAYS:
         if name not in group.array_keys():
             raise DataError(f"{location!r} lacks the array {name!r}; the model is incomplete.")
+        _check_node(group[name], f"the model array {location}/{name}")  # before reading it
         arrays[name] = np.asarray(group[name][...], dtype=np.float64)
     k, d = arrays["means"].shape
     expected = covariance_shape(cov_type, k, d)
