@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.array as da
 import pytest
 from cli_helpers import (
     LOCAL,
@@ -73,13 +74,14 @@ def fresh_cluster() -> Iterator[Any]:
 
 
 def fit_gm(data: str, checkpoint_dir: Path | None = None, **options: Any) -> GaussianMixture:
-    """A 3-component ``GaussianMixture`` fitted on ``data`` for exactly 25 iterations."""
+    """A 3-component ``GaussianMixture`` fitted for exactly 25 iterations on the Zarr
+    array ``data``, one task per store chunk (so that both workers get chunks)."""
     gm = GaussianMixture(
         3, tol=0, max_iter=25, random_state=0, checkpoint_dir=checkpoint_dir, **options
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return gm.fit(data)
+        return gm.fit(da.from_zarr(data))
 
 
 def busy_worker(client: Any) -> str | None:
@@ -99,7 +101,7 @@ def test_worker_killed_mid_pass_gives_the_fault_free_fit(
     elsewhere although their placement named it."""
     client = fresh_cluster
     data = write_array(tmp_path / "data.zarr", mixture(20_000, 4, 3, seed=21), (1000, 4))
-    reference = fit_gm(data, cache=cache)
+    reference = fit_gm(data, cache=cache)  # 20 chunks, 10 on each worker when cached
 
     ckpt = tmp_path / "ckpt"
     with ThreadPoolExecutor(1) as pool:
