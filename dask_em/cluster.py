@@ -2,7 +2,8 @@
 
 `connect` is a context manager that yields a client set as Dask's default scheduler
 for the duration, so the library's ``compute`` calls run on it, and closes what it
-started. Connection problems become one-line `dask_em.errors.DataError` messages.
+started. Connection problems become one-line `dask_em.errors.DataError` messages, also
+the loss of an external scheduler mid-work (`scheduler_loss_reported`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,6 +69,51 @@ def local_cluster(
 
 
 @contextmanager
+def silenced(package: str) -> Iterator[None]:
+    """Raise the level of ``package``'s loggers to CRITICAL for the duration.
+
+    All existing loggers of the package, not only its root: distributed configures
+    levels on some of its sub-loggers (``distributed.client``...). Levels are restored
+    afterwards.
+    """
+    names = [package] + [
+        name for name in logging.root.manager.loggerDict if name.startswith(package + ".")
+    ]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+@contextmanager
+def scheduler_loss_reported(client: Any, where: str) -> Iterator[None]:
+    """Turn an error raised because ``client`` lost its scheduler into a `DataError`.
+
+    A scheduler that dies mid-work cancels the client's futures
+    (``FutureCancelledError``, reason ``scheduler-connection-lost``) or leaves the client
+    reconnecting or closed when the next call fails; any other error passes unchanged.
+    """
+    try:
+        yield
+    except Exception as err:
+        lost = isinstance(err, CancelledError) and (
+            getattr(err, "reason", None) == "scheduler-connection-lost"
+        )
+        if not lost and client.status == "running":
+            raise
+        raise DataError(
+            f"lost the connection to the Dask scheduler at {where}; check that it is running "
+            "and rerun the command (with --checkpoint-dir it resumes from the last completed "
+            "iteration)."
+        ) from None
+
+
+@contextmanager
 def connect(
     scheduler: str | None = None,
     scheduler_file: str | os.PathLike[str] | None = None,
@@ -97,7 +144,10 @@ def connect(
     Raises
     ------
     DataError
-        If the scheduler cannot be reached or the scheduler file is missing.
+        If the scheduler cannot be reached or the scheduler file is missing, or (external
+        scheduler) if the connection to it is lost within the block. The logs of
+        distributed's client (e.g. tracebacks of failed reconnections) are silenced
+        then: the error says what happened, once.
     """
     from distributed import Client
 
@@ -120,7 +170,7 @@ def connect(
                 f"cannot connect to the Dask scheduler at {where}: {reason}; check the address "
                 "and that the scheduler is running."
             ) from None
-        with client:
+        with silenced("distributed"), client, scheduler_loss_reported(client, where):
             yield client
         return
     cluster = local_cluster(

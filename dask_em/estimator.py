@@ -42,7 +42,7 @@ from dask_em.params import (
     n_parameters,
 )
 from dask_em.passes import Steps
-from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, map_rows
+from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, check_chunk_memory, map_rows
 
 
 def _is_out_of_core(X: Any) -> bool:
@@ -304,6 +304,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             self.covariance_type,
         )
         data = RowData(Xd, self._as_sample_weight(sample_weight, Xd), self.split_every)
+        check_chunk_memory(data.X)
         checkpoint = self._checkpoint(data, inits)
         # a fit refused for its checkpoint's lock has not persisted anything
         with checkpoint.lock() if checkpoint is not None else nullcontext():

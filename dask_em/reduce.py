@@ -27,7 +27,13 @@ import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed
 
+from dask_em.errors import DataError
+
 DEFAULT_SPLIT_EVERY = 8
+
+TASK_MEMORY_FACTOR = 3
+"""Memory a chunk task needs, in multiples of its chunk's bytes (the chunk, the kernel's
+per-row buffers, the decoded copy of a streamed read): the basis of `check_chunk_memory`."""
 
 
 def as_row_chunked(X: da.Array) -> da.Array:
@@ -148,6 +154,47 @@ def cluster_memory_limit() -> float:
         return machine
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     return float(sum(w.get("memory_limit") or machine for w in workers)) or machine
+
+
+def check_chunk_memory(X: da.Array) -> None:
+    """Refuse row chunks too large for the memory limit of the active cluster's workers.
+
+    A worker whose tasks need more than its memory limit is restarted by its nanny
+    again and again, and the fit ends after minutes with a ``KilledWorker`` error;
+    checking before the first pass fails at once and says what to change. Nothing is
+    checked without a ``distributed.Client`` or when no worker has a memory limit.
+
+    Parameters
+    ----------
+    X : dask.array.Array of shape (n, D)
+        Row-chunked data, as the passes will read it.
+
+    Raises
+    ------
+    DataError
+        If `TASK_MEMORY_FACTOR` x the largest chunk's bytes x a worker's threads exceeds
+        that worker's memory limit; the message suggests a number of rows per chunk.
+    """
+    client = _distributed_client()
+    if client is None or X.size == 0:
+        return
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    limits = [(w["memory_limit"], w.get("nthreads") or 1) for w in workers if w.get("memory_limit")]
+    if not limits:
+        return
+    row_bytes = X.dtype.itemsize * int(X.shape[1])
+    chunk_bytes = max(X.chunks[0]) * row_bytes
+    limit, nthreads = min(limits, key=lambda lt: lt[0] / lt[1])
+    if TASK_MEMORY_FACTOR * chunk_bytes * nthreads <= limit:
+        return
+    rows = max(1, int(limit // (2 * TASK_MEMORY_FACTOR * nthreads * row_bytes)))
+    raise DataError(
+        f"row chunks of {chunk_bytes / 2**20:.1f} MiB are too large for workers with a "
+        f"{limit / 2**20:.0f} MiB memory limit and {nthreads} thread(s) (a task needs about "
+        f"{TASK_MEMORY_FACTOR}x its chunk); use smaller chunks of about {rows} rows "
+        f"(dask-em fit --chunk-rows {rows}, which cannot split a store's own chunks; "
+        "Python: rechunk the rows) or give the workers more memory."
+    )
 
 
 class RowData:

@@ -13,18 +13,23 @@ Plain functions (no fixtures) shared by ``test_cli.py``, ``test_checkpoint.py``,
 - `wait_for` polls a condition with a deadline (no bare sleeps as synchronization);
 - `peek_checkpoint` reads a checkpoint that another process may be writing;
 - `process_group_alive` tells whether any live process remains in a process group;
-- `assert_same_fit` compares two fitted models (parameters and history).
+- `assert_same_fit` compares two fitted models (parameters and history);
+- `start_in_session`/`start_external_cluster` start real ``dask scheduler``/``dask worker``
+  processes (each in its own session) and kill them all on exit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +234,108 @@ def assert_same_fit(a: Any, b: Any, atol: float = 1e-12) -> None:
     assert a.converged_ == b.converged_
     assert a.lower_bounds_ == b.lower_bounds_
     assert a.n_passes_ == b.n_passes_
+
+
+def start_in_session(args: list[str], log: Path) -> subprocess.Popen[str]:
+    """Start a process in a new session (own process group) with output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+        )
+
+
+@dataclass
+class ExternalCluster:
+    """A running ``dask scheduler`` and its ``dask worker`` processes.
+
+    Attributes
+    ----------
+    scheduler_file : Path
+        The file written by ``dask scheduler --scheduler-file``.
+    address : str
+        The scheduler's address.
+    scheduler : subprocess.Popen
+        The scheduler process (a session leader: `kill_group` kills it).
+    workers : list of subprocess.Popen
+        The worker processes (each a session leader, nanny and worker in one group).
+    """
+
+    scheduler_file: Path
+    address: str
+    scheduler: subprocess.Popen[str]
+    workers: list[subprocess.Popen[str]] = field(default_factory=list)
+
+
+@contextmanager
+def start_external_cluster(root: Path, n_workers: int = 2) -> Iterator[ExternalCluster]:
+    """``dask scheduler --host 127.0.0.1 --port 0 --scheduler-file F`` and ``n_workers``
+    ``dask worker --scheduler-file F --nworkers 1 --nthreads 1`` processes, up and
+    connected (logs and worker directories under ``root``). Every process is killed with
+    its process group on exit (also those a test has killed already)."""
+    from distributed import Client
+
+    root.mkdir(parents=True, exist_ok=True)
+    scheduler_file = root / "scheduler.json"
+    scheduler_file.unlink(missing_ok=True)  # a previous cluster's, not this one's address
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        scheduler = start_in_session(
+            [
+                *dask_command(),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--no-dashboard",
+            ],
+            root / "scheduler.log",
+        )
+        processes.append(scheduler)
+
+        def address() -> str | None:
+            if scheduler.poll() is not None:
+                raise AssertionError((root / "scheduler.log").read_text())
+            try:
+                return json.loads(scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                return None
+
+        addr = wait_for(address, 60, "the scheduler file")
+        cluster = ExternalCluster(scheduler_file, addr, scheduler)
+        for i in range(n_workers):
+            worker = start_in_session(
+                [
+                    *dask_command(),
+                    "worker",
+                    "--scheduler-file",
+                    str(scheduler_file),
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(root / f"worker-{i}"),
+                ],
+                root / f"worker-{i}.log",
+            )
+            processes.append(worker)
+            cluster.workers.append(worker)
+        with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
+            wait_for(
+                lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == n_workers,
+                90,
+                f"{n_workers} workers to connect",
+            )
+        yield cluster
+    finally:
+        for process in reversed(processes):
+            kill_group(process)

@@ -10,7 +10,6 @@ one-line error with exit status 2.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,30 +19,15 @@ from cli_helpers import (
     assert_ok,
     assert_same_fit,
     assert_usage_error,
-    dask_command,
-    kill_group,
     mixture,
     run_cli,
-    wait_for,
+    start_external_cluster,
     write_array,
 )
 
 from dask_em import load_model
 
 pytestmark = pytest.mark.slow
-
-
-def start_in_session(args: list[str], log: Path) -> subprocess.Popen[str]:
-    """Start a process in a new session (own process group) with output to ``log``."""
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            text=True,
-        )
 
 
 def executed_counts(client: object) -> dict[str, int]:
@@ -53,70 +37,18 @@ def executed_counts(client: object) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def external_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    """``dask scheduler --host 127.0.0.1 --port 0 --scheduler-file F`` and two ``dask
-    worker --scheduler-file F --nworkers 1 --nthreads 1`` processes, up and connected;
-    yields the scheduler file, its address and a Client on it. Everything is killed at
-    teardown."""
+    """A scheduler and two single-threaded workers (`cli_helpers.start_external_cluster`), up and
+    connected; yields the scheduler file, its address and a Client on it. Everything is
+    killed at teardown."""
     from distributed import Client
 
-    root = tmp_path_factory.mktemp("cluster")
-    scheduler_file = root / "scheduler.json"
-    processes: list[subprocess.Popen[str]] = []
-    try:
-        scheduler = start_in_session(
-            [
-                *dask_command(),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--no-dashboard",
-            ],
-            root / "scheduler.log",
-        )
-        processes.append(scheduler)
-
-        def address() -> str | None:
-            if scheduler.poll() is not None:
-                raise AssertionError((root / "scheduler.log").read_text())
-            try:
-                return json.loads(scheduler_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                return None
-
-        addr = wait_for(address, 60, "the scheduler file")
-        for i in range(2):
-            processes.append(
-                start_in_session(
-                    [
-                        *dask_command(),
-                        "worker",
-                        "--scheduler-file",
-                        str(scheduler_file),
-                        "--nworkers",
-                        "1",
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--local-directory",
-                        str(root / f"worker-{i}"),
-                    ],
-                    root / f"worker-{i}.log",
-                )
-            )
-        with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
-            wait_for(
-                lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2,
-                90,
-                "2 workers to connect",
-            )
-            yield {"scheduler_file": scheduler_file, "address": addr, "client": client}
-    finally:
-        for process in reversed(processes):
-            kill_group(process)  # type: ignore[arg-type]
+    with start_external_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        with Client(scheduler_file=str(cluster.scheduler_file), timeout="30s") as client:
+            yield {
+                "scheduler_file": cluster.scheduler_file,
+                "address": cluster.address,
+                "client": client,
+            }
 
 
 def test_fit_on_an_external_cluster_equals_the_local_cluster_fit(
