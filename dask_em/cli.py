@@ -35,7 +35,7 @@ from dask_em.errors import DataError
 from dask_em.estimator import GaussianMixture, load_model
 from dask_em.init import INITIALIZERS
 from dask_em.io import check_output, open_array, read_model, store_array
-from dask_em.params import COVARIANCE_TYPES, GMMParams, n_parameters
+from dask_em.params import COVARIANCE_TYPES, ILL_DEFINED_COVARIANCE, GMMParams, n_parameters
 from dask_em.reduce import from_blocks, row_chunks
 
 DEMO_SIZE = {"n_samples": 2_000_000, "n_features": 8, "n_components": 5}
@@ -198,7 +198,16 @@ def _fit(
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gm.fit(X)
+        try:
+            gm.fit(X)
+        except ValueError as err:
+            if ILL_DEFINED_COVARIANCE not in str(err):
+                raise
+            # the library's advice names the parameter; name the option too
+            larger = max(1e-6, 10.0 * args.reg_covar)
+            raise DataError(
+                f"{err} (here --reg-covar {args.reg_covar:g}: try --reg-covar {larger:g})"
+            ) from None
     for w in caught:
         if issubclass(w.category, ConvergenceWarning):
             _say(
