@@ -29,7 +29,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from dask_em import __version__
 from dask_em.checkpoint import LOCK, MANIFEST, Checkpoint, checkpoint_lock, discard
-from dask_em.cluster import connect
+from dask_em.cluster import connect, tls_security
 from dask_em.datasets import mixture_labels, mixture_rows, true_params
 from dask_em.errors import DataError
 from dask_em.estimator import GaussianMixture, load_model
@@ -87,6 +87,15 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--memory-limit", metavar="SIZE", help="local cluster: memory limit per worker, e.g. 2GiB"
     )
+    g.add_argument(
+        "--tls-ca-file",
+        metavar="PEM",
+        help="TLS scheduler (tls:// address): CA certificate(s) that signed its certificate",
+    )
+    g.add_argument("--tls-cert", metavar="PEM", help="TLS scheduler: this client's certificate")
+    g.add_argument(
+        "--tls-key", metavar="PEM", help="TLS scheduler: the client certificate's private key"
+    )
 
 
 def _add_chunk_rows_option(p: argparse.ArgumentParser) -> None:
@@ -107,6 +116,19 @@ def _cluster(args: argparse.Namespace) -> Any:
             "--n-workers/--threads-per-worker/--memory-limit shape a local cluster; "
             "drop them with --scheduler or --scheduler-file."
         )
+    security = None
+    if args.tls_ca_file or args.tls_cert or args.tls_key:
+        if not (args.scheduler or args.scheduler_file):
+            raise DataError(
+                "--tls-ca-file/--tls-cert/--tls-key are for a TLS scheduler: give its "
+                "address with --scheduler tls://HOST:PORT or --scheduler-file."
+            )
+        if not (args.tls_ca_file and args.tls_cert):
+            raise DataError(
+                "a TLS connection needs --tls-ca-file and --tls-cert (and --tls-key unless "
+                "the certificate file holds the key)."
+            )
+        security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     return connect(
         scheduler=args.scheduler,
         scheduler_file=args.scheduler_file,
@@ -114,6 +136,7 @@ def _cluster(args: argparse.Namespace) -> Any:
         threads_per_worker=args.threads_per_worker,
         memory_limit=args.memory_limit,
         quiet=getattr(args, "quiet", False),
+        security=security,
     )
 
 

@@ -3,13 +3,16 @@
 `connect` is a context manager that yields a client set as Dask's default scheduler
 for the duration, so the library's ``compute`` calls run on it, and closes what it
 started. Connection problems become one-line `dask_em.errors.DataError` messages, also
-the loss of an external scheduler mid-work (`scheduler_loss_reported`).
+the loss of an external scheduler mid-work (`scheduler_loss_reported`). `tls_security`
+builds the ``distributed.Security`` of a TLS connection (``tls://`` addresses).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import ssl
 import sys
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
@@ -113,6 +116,119 @@ def scheduler_loss_reported(client: Any, where: str) -> Iterator[None]:
         ) from None
 
 
+TLS_OPTIONS = "--tls-ca-file, --tls-cert and --tls-key"
+
+
+def tls_security(
+    ca_file: str | os.PathLike[str],
+    cert: str | os.PathLike[str],
+    key: str | os.PathLike[str] | None = None,
+) -> Any:
+    """A ``distributed.Security`` for a client of a TLS-only scheduler.
+
+    Parameters
+    ----------
+    ca_file : str or path
+        PEM file of the CA(s) that signed the scheduler's and workers' certificates.
+    cert : str or path
+        PEM file of this client's certificate (signed by a CA the scheduler trusts).
+    key : str or path, optional
+        PEM file of the certificate's private key; None when ``cert`` holds it too.
+
+    Raises
+    ------
+    DataError
+        If one of the files does not exist.
+    """
+    from distributed import Security
+
+    for option, path in (("--tls-ca-file", ca_file), ("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not os.path.isfile(path):
+            raise DataError(f"{option}: no such file {os.fspath(path)!r}; check the path.")
+    return Security(
+        tls_ca_file=os.fspath(ca_file),
+        tls_client_cert=os.fspath(cert),
+        tls_client_key=None if key is None else os.fspath(key),
+        require_encryption=True,
+    )
+
+
+def _scheduler_address(
+    scheduler: str | None, scheduler_file: str | os.PathLike[str] | None
+) -> str | None:
+    """The address given, or the one a readable scheduler file holds (None otherwise)."""
+    if scheduler is not None:
+        return scheduler
+    try:
+        with open(scheduler_file) as f:  # type: ignore[arg-type]
+            address = json.load(f)["address"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return address if isinstance(address, str) else None
+
+
+def _check_protocol(address: str | None, where: str, security: Any) -> None:
+    """Refuse a TLS address without certificates, and certificates for a non-TLS address.
+
+    distributed itself fails late on both (a ``TypeError`` about ``ssl_context``, a
+    ``RuntimeError`` about required encryption) and leaves a half-made client behind.
+    """
+    if address is None:
+        return
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if scheme == "tls" and security is None:
+        raise DataError(
+            f"the Dask scheduler at {where} uses TLS ({address}): give {TLS_OPTIONS} "
+            "(the CA that signed its certificate, and a client certificate and key)."
+        )
+    if scheme != "tls" and security is not None:
+        raise DataError(
+            f"{TLS_OPTIONS} need a TLS scheduler, but {where} has the {scheme}:// address "
+            f"{address}; give its tls:// address."
+        )
+
+
+def _ssl_error(err: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` among the causes and contexts of ``err``, if any."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLError):
+            return e
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _connect_failure(err: BaseException, where: str, security: Any) -> str:
+    """The one-line message for a failed connection to the scheduler at ``where``."""
+    from distributed.comm.core import CommClosedError, FatalCommClosedError
+
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    tls_error = _ssl_error(err)
+    if tls_error is not None or isinstance(err, FatalCommClosedError):
+        detail = getattr(tls_error, "reason", None) or reason
+        return (
+            f"cannot connect to the Dask scheduler at {where}: the TLS handshake failed "
+            f"({detail}); the certificates are the likely cause: check that --tls-ca-file "
+            "is the CA that signed the scheduler's certificate and that --tls-cert/--tls-key "
+            "are a client certificate and key signed by a CA the scheduler trusts."
+        )
+    if security is None and isinstance(err, CommClosedError):
+        return (
+            f"cannot connect to the Dask scheduler at {where}: the scheduler closed the "
+            f"connection ({reason}); it likely requires TLS: give its tls:// address with "
+            f"{TLS_OPTIONS}."
+        )
+    return (
+        f"cannot connect to the Dask scheduler at {where}: {reason}; check the address "
+        "and that the scheduler is running."
+    )
+
+
 @contextmanager
 def connect(
     scheduler: str | None = None,
@@ -121,6 +237,7 @@ def connect(
     threads_per_worker: int | None = None,
     memory_limit: str | None = None,
     quiet: bool = False,
+    security: Any = None,
 ) -> Iterator[object]:
     """A ``distributed.Client`` for the duration of the ``with`` block.
 
@@ -136,6 +253,9 @@ def connect(
         e.g. ``'2GiB'``. Defaults: one worker per core pair, Dask's memory split.
     quiet : bool
         Do not print the dashboard address of a started local cluster.
+    security : distributed.Security, optional
+        For a TLS scheduler (``tls://`` address), e.g. from `tls_security`; only with
+        ``scheduler`` or ``scheduler_file``.
 
     Yields
     ------
@@ -144,7 +264,8 @@ def connect(
     Raises
     ------
     DataError
-        If the scheduler cannot be reached or the scheduler file is missing, or (external
+        If the scheduler cannot be reached (also: TLS handshake failed, a TLS scheduler
+        without ``security`` or the reverse) or the scheduler file is missing, or (external
         scheduler) if the connection to it is lost within the block. The logs of
         distributed's client (e.g. tracebacks of failed reconnections) are silenced
         then: the error says what happened, once.
@@ -155,21 +276,21 @@ def connect(
         raise DataError("give either --scheduler or --scheduler-file, not both.")
     if scheduler_file is not None and not os.path.exists(scheduler_file):
         raise DataError(f"no such scheduler file: {os.fspath(scheduler_file)!r}; check the path.")
+    if security is not None and scheduler is None and scheduler_file is None:
+        raise DataError(f"{TLS_OPTIONS} need --scheduler or --scheduler-file.")
     if scheduler is not None or scheduler_file is not None:
         where = scheduler if scheduler is not None else os.fspath(scheduler_file)  # type: ignore[arg-type]
+        _check_protocol(_scheduler_address(scheduler, scheduler_file), where, security)
         try:
             client = Client(
                 address=scheduler,
                 scheduler_file=None if scheduler_file is None else os.fspath(scheduler_file),
                 timeout=CONNECT_TIMEOUT,
                 set_as_default=True,
+                security=security,
             )
         except (OSError, TimeoutError, ValueError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise DataError(
-                f"cannot connect to the Dask scheduler at {where}: {reason}; check the address "
-                "and that the scheduler is running."
-            ) from None
+            raise DataError(_connect_failure(err, where, security)) from None
         with silenced("distributed"), client, scheduler_loss_reported(client, where):
             yield client
         return

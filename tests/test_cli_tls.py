@@ -1,0 +1,253 @@
+"""``dask-em`` on a TLS-only Dask cluster (``tls://`` address, ``--tls-*`` options).
+
+The slow tests make a CA and a certificate for 127.0.0.1/localhost with the ``openssl``
+command, start a real ``dask scheduler --protocol tls`` and two ``dask worker``
+processes with it (each in its own session, killed with their process groups at
+teardown), then check that ``dask-em fit --scheduler tls://… --tls-ca-file --tls-cert
+--tls-key`` gives the local-cluster fit, and that a plain ``tcp://`` connection, a
+``tls://`` address without certificates and certificates of another CA each fail with a
+one-line message (exit 2) and write no model. The fast tests check the options alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cli_helpers import (
+    LOCAL,
+    assert_ok,
+    assert_same_fit,
+    assert_usage_error,
+    dask_command,
+    kill_group,
+    mixture,
+    run_cli,
+    run_many,
+    start_in_session,
+    wait_for,
+    write_array,
+)
+
+from dask_em import load_model
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+
+
+@dataclass
+class Certificates:
+    """PEM files: a CA and a certificate (with its key) it signed, for 127.0.0.1."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def options(self) -> list[str]:
+        """The ``dask-em``/``dask`` options naming these files."""
+        return [
+            "--tls-ca-file",
+            str(self.ca),
+            "--tls-cert",
+            str(self.cert),
+            "--tls-key",
+            str(self.key),
+        ]
+
+
+def openssl(*args: object) -> None:
+    """Run ``openssl ARGS`` quietly (its output shown if it fails)."""
+    result = subprocess.run(
+        ["openssl", *map(str, args)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def make_certificates(root: Path, name: str) -> Certificates:
+    """A new self-signed CA ``name`` and a certificate it signed for IP 127.0.0.1 and DNS
+    localhost, usable by servers and clients (scheduler, workers, dask-em)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (
+        root / f"{name}-{s}" for s in ("ca.key", "ca.pem", "key.pem", "req.csr", "cert.pem")
+    )
+    ext = root / f"{name}-ext.cnf"
+    ext.write_text(
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "basicConstraints = CA:FALSE\n"
+        "keyUsage = digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth, clientAuth\n"
+    )
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", f"/CN={name} test CA", "-keyout", ca_key, "-out", ca)  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", key, "-out", csr)  # fmt: skip
+    openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+            "-days", "2", "-extfile", ext, "-out", cert)  # fmt: skip
+    return Certificates(ca, cert, key)
+
+
+@dataclass
+class TLSCluster:
+    """A running TLS scheduler (``address``, ``scheduler_file``) and its certificates."""
+
+    address: str
+    scheduler_file: Path
+    certificates: Certificates
+
+
+@contextmanager
+def start_tls_cluster(
+    root: Path, certificates: Certificates, n_workers: int = 2
+) -> Iterator[TLSCluster]:
+    """``dask scheduler --protocol tls`` and ``n_workers`` ``dask worker tls://…``
+    processes using ``certificates``, up and connected; all killed on exit."""
+    from distributed import Client, Security
+
+    scheduler_file = root / "scheduler.json"
+    processes: list[subprocess.Popen[str]] = []
+    tls = certificates.options()
+    try:
+        scheduler = start_in_session(
+            [*dask_command(), "scheduler", "--protocol", "tls", "--host", "127.0.0.1",
+             "--port", "0", "--scheduler-file", str(scheduler_file), "--no-dashboard", *tls],
+            root / "scheduler.log",
+        )  # fmt: skip
+        processes.append(scheduler)
+
+        def address() -> str | None:
+            if scheduler.poll() is not None:
+                raise AssertionError((root / "scheduler.log").read_text())
+            try:
+                return json.loads(scheduler_file.read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                return None
+
+        addr = wait_for(address, 60, "the TLS scheduler file")
+        assert addr.startswith("tls://127.0.0.1:"), addr
+        for i in range(n_workers):
+            processes.append(
+                start_in_session(
+                    [
+                        *dask_command(),
+                        "worker",
+                        addr,
+                        "--nworkers",
+                        "1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--local-directory",
+                        str(root / f"worker-{i}"),
+                        *tls,
+                    ],
+                    root / f"worker-{i}.log",
+                )  # fmt: skip
+            )
+        security = Security(
+            tls_ca_file=str(certificates.ca),
+            tls_client_cert=str(certificates.cert),
+            tls_client_key=str(certificates.key),
+            require_encryption=True,
+        )
+        with Client(addr, security=security, timeout="30s") as client:
+            wait_for(
+                lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == n_workers,
+                90,
+                f"{n_workers} TLS workers to connect",
+            )
+        yield TLSCluster(addr, scheduler_file, certificates)
+    finally:
+        for process in reversed(processes):
+            kill_group(process)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSCluster]:
+    """A TLS scheduler and two workers with freshly made certificates."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    root = tmp_path_factory.mktemp("tls-cluster")
+    with start_tls_cluster(root, make_certificates(root / "certs", "cluster")) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_fit_on_a_tls_cluster_equals_the_local_fit(tls_cluster: TLSCluster, tmp_path: Path) -> None:
+    """``--scheduler tls://… --tls-ca-file --tls-cert --tls-key`` (and ``--scheduler-file``
+    with the same options) fits on the TLS workers and gives the local-cluster parameters
+    and history; ``score`` works over TLS too."""
+    data = write_array(tmp_path / "data.zarr", mixture(6000, 3, 2, seed=21), (500, 3))
+    common = ["fit", data, "--n-components", "2", "--tol", "1e-6", "--max-iter", "40", "--quiet"]
+    local = run_cli(*common, "--output", tmp_path / "local.zarr", *LOCAL)
+    assert_ok(local)
+    tls = tls_cluster.certificates.options()
+    for option, value, name in (
+        ("--scheduler", tls_cluster.address, "tls.zarr"),
+        ("--scheduler-file", tls_cluster.scheduler_file, "tls-file.zarr"),
+    ):
+        result = run_cli(*common, "--output", tmp_path / name, option, value, *tls)
+        assert_ok(result)
+        assert_same_fit(load_model(tmp_path / name), load_model(tmp_path / "local.zarr"))
+    score = run_cli("score", tmp_path / "tls.zarr", data, "--scheduler", tls_cluster.address, *tls)
+    assert_ok(score)
+    assert json.loads(score.stdout)["n_samples"] == 6000
+
+
+@pytest.mark.slow
+def test_plain_or_wrong_certificate_connections_to_a_tls_cluster_fail_in_one_line(
+    tls_cluster: TLSCluster, tmp_path: Path
+) -> None:
+    """A ``tcp://`` address of the TLS scheduler, its ``tls://`` address (or scheduler file)
+    without certificates, and certificates of another CA each exit 2 with one line naming
+    TLS, quickly, and write no model."""
+    data = write_array(tmp_path / "data.zarr", mixture(600, 2, 2, seed=3), (300, 2))
+    port = tls_cluster.address.rsplit(":", 1)[1]
+    other = make_certificates(tmp_path / "certs", "other").options()
+    cases = {
+        "tcp": (["--scheduler", f"tcp://127.0.0.1:{port}"], ("tcp://127.0.0.1", "TLS", "--tls-ca-file")),
+        "no-scheme": (["--scheduler", f"127.0.0.1:{port}"], ("TLS", "--tls-cert")),
+        "tls-no-certs": (["--scheduler", tls_cluster.address], ("uses TLS", "--tls-ca-file", "--tls-key")),
+        "file-no-certs": (["--scheduler-file", tls_cluster.scheduler_file], ("uses TLS", "--tls-cert")),
+        "other-ca": (["--scheduler", tls_cluster.address, *other], ("TLS handshake failed", "certificates")),
+    }  # fmt: skip
+    results = run_many(
+        {
+            key: ["fit", data, "--n-components", "2", "--output", tmp_path / f"{key}.zarr", *args]
+            for key, (args, _) in cases.items()
+        }
+    )
+    for key, (_, fragments) in cases.items():
+        assert_usage_error(results[key], *fragments)
+        assert not (tmp_path / f"{key}.zarr").exists(), key
+
+
+def test_tls_options_are_checked_before_connecting(tmp_path: Path) -> None:
+    """TLS options without a scheduler, a missing certificate file, a ``tls://`` address
+    without certificates, certificates for a ``tcp://`` address and a certificate without
+    a CA file are each one-line errors (exit 2), with no cluster involved."""
+    pem = tmp_path / "x.pem"
+    pem.write_text("not used\n")
+    tls = ["--tls-ca-file", pem, "--tls-cert", pem, "--tls-key", pem]
+    data = write_array(tmp_path / "data.zarr", mixture(100, 2, 2, seed=0))
+    fit = ["fit", data, "--n-components", "2", "--output", tmp_path / "m.zarr"]
+    cases = {
+        "no-scheduler": ([*fit, *tls], ("--scheduler tls://HOST:PORT",)),
+        "no-scheduler-demo": (["demo", "--workdir", tmp_path / "demo", *tls], ("--scheduler",)),
+        "missing-file": (
+            [*fit, "--scheduler", "tls://127.0.0.1:1", "--tls-ca-file", tmp_path / "nope.pem",
+             "--tls-cert", pem],
+            ("--tls-ca-file", "nope.pem", "no such file"),
+        ),
+        "tls-no-certs": ([*fit, "--scheduler", "tls://127.0.0.1:1"], ("uses TLS", "--tls-ca-file")),
+        "tcp-with-certs": ([*fit, "--scheduler", "tcp://127.0.0.1:1", *tls], ("tls://", "tcp://")),
+        "cert-without-ca": ([*fit, "--scheduler", "tls://127.0.0.1:1", "--tls-cert", pem], ("--tls-ca-file",)),
+    }  # fmt: skip
+    results = run_many({key: args for key, (args, _) in cases.items()})
+    for key, (_, fragments) in cases.items():
+        assert_usage_error(results[key], *fragments)
+    assert not (tmp_path / "m.zarr").exists()
