@@ -271,6 +271,23 @@ class ExternalCluster:
     workers: list[subprocess.Popen[str]] = field(default_factory=list)
 
 
+def scheduler_address(
+    scheduler: subprocess.Popen[str], scheduler_file: Path, log: Path, timeout: float = 60
+) -> str:
+    """The address a ``dask scheduler`` process writes to its scheduler file, once it has
+    (fails with the scheduler's log if the process exits first)."""
+
+    def address() -> str | None:
+        if scheduler.poll() is not None:
+            raise AssertionError(log.read_text())
+        try:
+            return json.loads(scheduler_file.read_text())["address"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    return wait_for(address, timeout, f"the scheduler file {scheduler_file}")
+
+
 @contextmanager
 def start_external_cluster(root: Path, n_workers: int = 2) -> Iterator[ExternalCluster]:
     """``dask scheduler --host 127.0.0.1 --port 0 --scheduler-file F`` and ``n_workers``
@@ -299,16 +316,7 @@ def start_external_cluster(root: Path, n_workers: int = 2) -> Iterator[ExternalC
             root / "scheduler.log",
         )
         processes.append(scheduler)
-
-        def address() -> str | None:
-            if scheduler.poll() is not None:
-                raise AssertionError((root / "scheduler.log").read_text())
-            try:
-                return json.loads(scheduler_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                return None
-
-        addr = wait_for(address, 60, "the scheduler file")
+        addr = scheduler_address(scheduler, scheduler_file, root / "scheduler.log")
         cluster = ExternalCluster(scheduler_file, addr, scheduler)
         for i in range(n_workers):
             worker = start_in_session(

@@ -30,6 +30,7 @@ from cli_helpers import (
     mixture,
     run_cli,
     run_many,
+    scheduler_address,
     start_in_session,
     wait_for,
     write_array,
@@ -118,16 +119,7 @@ def start_tls_cluster(
             root / "scheduler.log",
         )  # fmt: skip
         processes.append(scheduler)
-
-        def address() -> str | None:
-            if scheduler.poll() is not None:
-                raise AssertionError((root / "scheduler.log").read_text())
-            try:
-                return json.loads(scheduler_file.read_text())["address"]
-            except (OSError, ValueError, KeyError):
-                return None
-
-        addr = wait_for(address, 60, "the TLS scheduler file")
+        addr = scheduler_address(scheduler, scheduler_file, root / "scheduler.log")
         assert addr.startswith("tls://127.0.0.1:"), addr
         for i in range(n_workers):
             processes.append(
