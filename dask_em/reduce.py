@@ -271,7 +271,7 @@ class RowData:
         supporting ``+``. Computing a block (reading it from Zarr) and ``chunk_fn`` on it
         run as one task (see `_fuse_block_tasks`). Returns the lazy result (one key).
         """
-        return self._tree_sum(self._map(chunk_fn, [_broadcast(a) for a in args]))
+        return self._pass(chunk_fn, [_broadcast(a) for a in args], _sum)
 
     def build_many(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> Delayed:
         """The graph of one pass evaluating several ``(chunk_fn, args)`` on every chunk.
@@ -282,15 +282,27 @@ class RowData:
         """
         # task keys name the kernels (e.g. ``em_chunk+em_chunk-<token>``) for dashboards
         name = "+".join(getattr(fn, "__name__", "call") for fn, _ in calls)
-        parts = self._map(_apply_each, [_broadcast(tuple(calls))], name)
-        return self._tree_sum(parts, _sum_each)
+        return self._pass(_apply_each, [_broadcast(tuple(calls))], _sum_each, name)
 
-    def _map(self, fn: Callable[..., Any], shared: list[Any], name: str | None = None) -> list[Any]:
-        x_blocks = self.X.to_delayed().ravel()
+    @functools.cached_property
+    def _chunk_blocks(self) -> tuple[list[Any], list[Any]]:
+        """The delayed blocks of ``X`` and of the weights (None each without weights),
+        made once: every pass's graph starts from them."""
+        x_blocks = list(self.X.to_delayed().ravel())
         if self.sample_weight is None:
-            w_blocks: Sequence[Any] = [None] * len(x_blocks)
-        else:
-            w_blocks = self.sample_weight.to_delayed().ravel()
+            return x_blocks, [None] * len(x_blocks)
+        return x_blocks, list(self.sample_weight.to_delayed().ravel())
+
+    def _pass(
+        self,
+        fn: Callable[..., Any],
+        shared: list[Any],
+        add: Callable[..., Any],
+        name: str | None = None,
+    ) -> Delayed:
+        """``fn(X_block, w_block, i, row_start, *shared)`` per chunk, a fixed-order tree of
+        ``add`` over the results, and each block's read fused into its chunk task."""
+        x_blocks, w_blocks = self._chunk_blocks
         task = dask.delayed(fn, pure=True)
         parts = []
         for i, (xb, wb, start) in enumerate(zip(x_blocks, w_blocks, self.row_starts, strict=True)):
@@ -299,23 +311,14 @@ class RowData:
             else:
                 key = f"{name}-{tokenize(fn, xb, wb, i, start, *shared)}"
                 parts.append(task(xb, wb, i, start, *shared, dask_key_name=key))
-        return parts
-
-    def _tree_sum(self, parts: list[Any], add: Callable[..., Any] | None = None) -> Delayed:
-        combine = dask.delayed(add or _sum, pure=True)
+        combine = dask.delayed(add, pure=True)
         while len(parts) > 1:
             parts = [
                 combine(*parts[j : j + self.split_every])
                 for j in range(0, len(parts), self.split_every)
             ]
-        return _fuse_block_tasks(parts[0], self._block_keys())
-
-    def _block_keys(self) -> set[Any]:
-        """Graph keys of the data (and weight) blocks."""
-        keys = {b.key for b in self.X.to_delayed().ravel()}
-        if self.sample_weight is not None:
-            keys |= {b.key for b in self.sample_weight.to_delayed().ravel()}
-        return keys
+        block_keys = {b.key for b in (*x_blocks, *w_blocks) if b is not None}
+        return _fuse_block_tasks(parts[0], block_keys)
 
     def map_reduce(self, chunk_fn: Callable[..., Any], *args: Any) -> Any:
         """Run one pass (one ``compute``) of ``chunk_fn`` over the data; see `build`."""
