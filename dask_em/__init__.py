@@ -1,6 +1,7 @@
 """dask-em: distributed, out-of-core EM for Gaussian mixture models on Zarr and Dask.
 
-The public API is `GaussianMixture` (scikit-learn compatible) and `load_model`.
+The public API is `GaussianMixture` (scikit-learn compatible), `load_model` and
+`EmptyComponentWarning` (a component was re-seeded, see `dask_em.reseed`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0+unknown"
 
+from dask_em.errors import EmptyComponentWarning  # noqa: E402
 from dask_em.estimator import GaussianMixture, load_model  # noqa: E402
 
-__all__ = ["GaussianMixture", "load_model", "__version__"]
+__all__ = ["EmptyComponentWarning", "GaussianMixture", "load_model", "__version__"]

@@ -31,7 +31,7 @@ from dask_em import __version__
 from dask_em.checkpoint import LOCK, MANIFEST, Checkpoint, checkpoint_lock, discard
 from dask_em.cluster import connect, tls_security
 from dask_em.datasets import mixture_labels, mixture_rows, true_params
-from dask_em.errors import DataError
+from dask_em.errors import DataError, EmptyComponentWarning
 from dask_em.estimator import GaussianMixture, load_model
 from dask_em.init import INITIALIZERS
 from dask_em.io import check_output, open_array, read_model, store_array
@@ -238,7 +238,7 @@ def _fit(
                 f"note: not converged after {gm.n_iter_} iterations (tol {args.tol}); "
                 "raise --max-iter or --tol",
             )
-        elif "checkpoint" in str(w.message):
+        elif issubclass(w.category, EmptyComponentWarning) or "checkpoint" in str(w.message):
             _say(args, f"warning: {w.message}")
     return gm, time.perf_counter() - start
 

@@ -26,6 +26,7 @@ import numpy as np
 from dask_em import kernels
 from dask_em.params import GMMParams
 from dask_em.passes import Pass, Steps, serve_alone, serve_together
+from dask_em.reseed import Reseed, reseed
 from dask_em.stats import SuffStats, m_step
 
 
@@ -76,6 +77,9 @@ class Iteration:
         (always for plain EM; for SQUAREM only at the end of an acceleration cycle).
     note : str
         What else happened (e.g. an extrapolation rejected), for progress output.
+    reseed : Reseed or None
+        The empty component this iteration re-seeded (`dask_em.reseed`), if any: the
+        next lower bound may be below this one.
     """
 
     result: EMResult
@@ -83,6 +87,7 @@ class Iteration:
     seconds: float
     resumable: bool = True
     note: str = ""
+    reseed: Reseed | None = None
 
     @property
     def n_iter(self) -> int:
@@ -102,17 +107,29 @@ class Iteration:
 
 def _advance(
     stats: SuffStats, result: EMResult, tol: float, reg_covar: float
-) -> tuple[EMResult, float]:
-    """The M-step on the E-step statistics of ``result.params``; the new result and the change."""
+) -> tuple[EMResult, float, Reseed | None]:
+    """The M-step on the E-step statistics of ``result.params``, then the re-seed of an
+    empty component (`dask_em.reseed`) if there is one.
+
+    Returns the new result, the change of the lower bound and the re-seed done (or None).
+    A re-seeded result is not converged: its parameters have not been through EM yet.
+    Re-seeding does not depend on ``max_iter``, so a fit resumed with a larger one
+    follows the same path.
+    """
     lower_bound = stats.mean_loglik
     params = m_step(stats, result.params.means, reg_covar, result.params.covariance_type)
     change = lower_bound - result.lower_bound
+    converged = abs(change) < tol
     history = [*result.lower_bounds, lower_bound]
+    event = None
+    reseeded = reseed(params, stats)
+    if reseeded is not None:
+        params, event = reseeded
+        converged = False
     return (
-        EMResult(
-            params, result.n_iter + 1, abs(change) < tol, lower_bound, history, result.step_max
-        ),
+        EMResult(params, result.n_iter + 1, converged, lower_bound, history, result.step_max),
         change,
+        event,
     )
 
 
@@ -156,9 +173,10 @@ def em_steps(
     while not result.converged and result.n_iter < max_iter:
         began = time.perf_counter()
         stats = yield e_step_pass(result.params)
-        result, change = _advance(stats, result, tol, reg_covar)
+        result, change, event = _advance(stats, result, tol, reg_covar)
         if callback is not None:
-            callback(Iteration(result, change, time.perf_counter() - began))
+            note = event.describe() if event is not None else ""
+            callback(Iteration(result, change, time.perf_counter() - began, True, note, event))
     return result
 
 
@@ -242,7 +260,8 @@ def squarem_steps(
     ``p2`` without a pass. The cap adapts as in Varadhan & Roland's reference code: it
     grows by `SQUAREM_STEP_GROWTH` when a step at the cap is kept and shrinks by it (not
     below 1) when a step at the cap fails. The recorded lower bounds are those of
-    accepted points only and never decrease beyond rounding. Convergence (``|change| <
+    accepted points only and never decrease beyond rounding, except after a re-seed
+    (`dask_em.reseed`), which ends a cycle without extrapolating. Convergence (``|change| <
     tol``) is judged on EM steps only, never on an extrapolation's gain. Checkpoints are taken at
     cycle ends only (`Iteration.resumable`), where ``EMResult.step_max`` holds the cap,
     so a resumed fit repeats exactly the cycles of an uninterrupted one.
@@ -252,18 +271,36 @@ def squarem_steps(
     def done(r: EMResult) -> bool:
         return r.converged or r.n_iter >= max_iter
 
-    def report(r: EMResult, change: float, began: float, resumable: bool, note: str = "") -> None:
+    def report(
+        r: EMResult,
+        change: float,
+        began: float,
+        resumable: bool,
+        note: str = "",
+        event: Reseed | None = None,
+    ) -> None:
         if callback is not None:
-            callback(Iteration(r, change, time.perf_counter() - began, resumable or done(r), note))
+            if event is not None:
+                note = "; ".join(part for part in (note, event.describe()) if part)
+            seconds = time.perf_counter() - began
+            callback(Iteration(r, change, seconds, resumable or done(r), note, event))
 
     while not done(result):
         began = time.perf_counter()
-        r1, change1 = _advance((yield e_step_pass(result.params)), result, tol, reg_covar)
+        r1, change1, event = _advance((yield e_step_pass(result.params)), result, tol, reg_covar)
+        if event is not None:  # a re-seed ends the cycle: no extrapolation across it
+            result = r1
+            report(result, change1, began, True, event=event)
+            continue
         report(r1, change1, began, False)
         if done(r1):
             return r1
         began = time.perf_counter()
-        r2, change2 = _advance((yield e_step_pass(r1.params)), r1, tol, reg_covar)
+        r2, change2, event = _advance((yield e_step_pass(r1.params)), r1, tol, reg_covar)
+        if event is not None:
+            result = r2
+            report(result, change2, began, True, event=event)
+            continue
         step_max = result.step_max
         alpha = step_length(result.params, r1.params, r2.params, step_max)
         at_cap = alpha == step_max
@@ -277,14 +314,16 @@ def squarem_steps(
         seconds2 = time.perf_counter() - began
         began = time.perf_counter()
         from_candidate = replace(r2, params=candidate, converged=False)
-        r3, change3 = _advance((yield e_step_pass(candidate)), from_candidate, tol, reg_covar)
+        r3, change3, event = _advance(
+            (yield e_step_pass(candidate)), from_candidate, tol, reg_covar
+        )
         if r3.lower_bound >= r2.lower_bound:
             # L(p') - L(p1) is the extrapolation's gain, not an EM step's change: a small
             # one says nothing about convergence, which only EM steps judge
             result = replace(r3, step_max=grown, converged=False)
             if callback is not None:
                 callback(Iteration(r2, change2, seconds2, False))
-            report(result, change3, began, True, f"extrapolated, step {alpha:.3g}")
+            report(result, change3, began, True, f"extrapolated, step {alpha:.3g}", event)
         else:
             result = replace(r2, step_max=shrunk)
             if callback is not None:

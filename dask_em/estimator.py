@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from dask_em import __version__, kernels
 from dask_em.checkpoint import Checkpoint, content_hash, data_fingerprint
 from dask_em.em import ACCELERATIONS, EMResult, FitState, Iteration, fit_restarts
-from dask_em.errors import DataError
+from dask_em.errors import DataError, EmptyComponentWarning
 from dask_em.init import INITIALIZERS, initialize
 from dask_em.io import (
     check_chunk_rows,
@@ -371,7 +371,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             tol=self.tol,
             max_iter=self.max_iter,
             reg_covar=self.reg_covar,
-            on_iteration=self._report if self.verbose >= 2 else None,
+            on_iteration=self._on_iteration,
             on_state=save,
             acceleration=self.acceleration,
         )
@@ -401,8 +401,25 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         }
         return Checkpoint(self.checkpoint_dir, fingerprint)
 
+    def _on_iteration(self, index: int, it: Iteration) -> None:
+        """Progress output (``verbose >= 2``) and a warning for every re-seeded component."""
+        if it.reseed is not None:
+            which = f" (initialization {index + 1})" if self.n_init > 1 else ""
+            warnings.warn(
+                f"iteration {it.n_iter}{which}: {it.reseed.describe()}",
+                EmptyComponentWarning,
+                stacklevel=2,
+            )
+        if self.verbose >= 2:
+            self._report(index, it)
+
     def _report(self, index: int, it: Iteration) -> None:
-        if it.n_iter % self.verbose_interval == 0 or it.converged or it.n_iter == self.max_iter:
+        if (
+            it.n_iter % self.verbose_interval == 0
+            or it.converged
+            or it.n_iter == self.max_iter
+            or it.reseed is not None
+        ):
             which = f"  [init {index + 1}/{self.n_init}]" if self.n_init > 1 else ""
             print(
                 f"iteration {it.n_iter:4d}  lower bound {it.lower_bound: .10g}  "

@@ -327,19 +327,68 @@ def check_output(path: str | os.PathLike[str]) -> None:
 
 
 def _publish(tmp: Path, dest: Path) -> None:
-    """Move the complete ``tmp`` to ``dest``, replacing an earlier dask-em output there."""
+    """Move the complete ``tmp`` to ``dest``, replacing an earlier dask-em output there.
+
+    The earlier output is first renamed aside (``.NAME.old-…``); a writer killed
+    between the two renames leaves it there, and the next write of ``dest`` puts it
+    back (`_clean_leftovers`) before replacing it.
+    """
     _check_replaceable(dest)
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex}")
+        old = _beside(dest, "old")
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename)
+
+
+def _beside(dest: Path, kind: str) -> Path:
+    """A hidden path next to ``dest`` naming its writer: ``.NAME.KIND-HOST-PID-UUID``."""
+    return dest.with_name(f".{dest.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+
+
 def _tmp_beside(dest: Path) -> Path:
-    return dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+    return _beside(dest, "tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _clean_leftovers(dest: Path) -> list[str]:
+    """Remove what killed writers of ``dest`` left beside it; return what was done.
+
+    Only leftovers of processes of this host that no longer run are touched (a writer
+    still running keeps its files): a half-written ``.NAME.tmp-…`` is deleted, and an
+    earlier output renamed aside (``.NAME.old-…``) while ``dest`` is missing is put back.
+    """
+    pattern = re.compile(
+        rf"^\.{re.escape(dest.name)}\.(tmp|old)-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{32}}$"
+    )
+    done = []
+    if not dest.parent.is_dir():
+        return done
+    for path in sorted(dest.parent.iterdir()):
+        match = pattern.match(path.name)
+        if match is None or _process_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not dest.exists() and _is_dask_em_output(path):
+            os.replace(path, dest)
+            done.append(f"restored the earlier {dest.name} from {path.name}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}, left by a killed writer")
+    return done
 
 
 def store_array(
@@ -362,6 +411,7 @@ def store_array(
     """
     dest = Path(path)
     _check_replaceable(dest)
+    _clean_leftovers(dest)
     tmp = _tmp_beside(dest)
     try:
         da.to_zarr(X, str(tmp), compute=True, compressors=list(ARRAY_COMPRESSORS))
@@ -390,6 +440,7 @@ def write_model(path: str | os.PathLike[str], params: GMMParams, attrs: dict[str
     """
     dest = Path(path)
     _check_replaceable(dest)
+    _clean_leftovers(dest)
     tmp = _tmp_beside(dest)
     try:
         group = zarr.open_group(str(tmp), mode="w")

@@ -25,7 +25,7 @@ import numpy as np
 
 from dask_em.errors import DataError
 from dask_em.params import GMMParams, log_det_cholesky
-from dask_em.stats import SuffStats, second_moment_shape
+from dask_em.stats import SuffStats, WorstFit, second_moment_shape
 
 _LOG_2PI = np.log(2.0 * np.pi)
 
@@ -58,12 +58,26 @@ MIN_BLOCK_ROWS = 256
 """Fewest rows per block (below this, per-block Python overhead shows)."""
 
 
+def data_center(X: np.ndarray) -> np.ndarray:
+    """The point a chunk's rows are centered at: the mean of its first `BLOCK_ROWS` rows.
+
+    A center among the data keeps the moments about it, and their shift to each
+    component's mean, free of cancellation wherever the components are; the mixture's
+    mean is not, once a component sits far from the data (a mean 1e6 away cost 5 digits
+    of the covariances). The first block is a sample, so the center costs next to
+    nothing. Shape (D,), float64 (NaN rows make it NaN; the caller reports them).
+    """
+    if X.shape[0] == 0:
+        return np.zeros(X.shape[1])
+    return np.asarray(X[:BLOCK_ROWS].mean(axis=0, dtype=np.float64))
+
+
 @dataclass(frozen=True)
 class _Projection:
     """Per-parameter constants of the blocked log-density, in the working dtype.
 
-    Rows are centered at ``c0`` (the mixture mean) before any product, so products
-    stay accurate for data far from the origin; ``d = means - c0``.
+    Rows are centered at ``c0`` (`data_center` of the chunk) before any product, so
+    products and moments stay accurate for data far from the origin; ``d = means - c0``.
     """
 
     covariance_type: str
@@ -86,6 +100,7 @@ class _Projection:
     ) -> _Projection:
         n_components, n_features = means.shape
         prec = np.asarray(precisions_cholesky, dtype=np.float64)
+        center = np.asarray(center).astype(dtype).astype(np.float64)  # the c0 rows see
         d = np.asarray(means, dtype=np.float64) - center
         const = (
             -0.5 * n_features * _LOG_2PI
@@ -119,8 +134,8 @@ class _Projection:
         )
 
     @classmethod
-    def of(cls, params: GMMParams, dtype: np.dtype) -> _Projection:
-        """The projection of mixture parameters (log-weights included)."""
+    def of(cls, params: GMMParams, X: np.ndarray) -> _Projection:
+        """The projection of mixture parameters (log-weights included) for the rows ``X``."""
         with np.errstate(divide="ignore"):
             log_weights = np.log(params.weights)
         return cls.build(
@@ -128,8 +143,8 @@ class _Projection:
             params.precisions_cholesky,
             params.covariance_type,
             log_weights,
-            params.weights @ params.means,
-            dtype,
+            data_center(X),
+            X.dtype,
         )
 
     @property
@@ -308,7 +323,7 @@ def log_gaussian_prob(
         precisions_cholesky,
         covariance_type,
         np.zeros(means.shape[0]),
-        means.mean(axis=0),
+        data_center(X),
         X.dtype,
     )
     out = np.empty((X.shape[0], means.shape[0]), dtype=X.dtype)
@@ -351,7 +366,7 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     log_resp : ndarray of shape (n, K)
         ``log p(k | x_i)``.
     """
-    proj = _Projection.of(params, X.dtype)
+    proj = _Projection.of(params, X)
     norm = np.empty(X.shape[0], dtype=X.dtype)
     log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
     for start, ws in _blocks(X.shape[0], proj.workspace, proj.block_rows):
@@ -385,8 +400,8 @@ def moment_stats(
     n_features = X.shape[1]
     n_components = resp.shape[1]
     shift = np.asarray(shift, dtype=np.float64)
-    center = shift.mean(axis=0)
-    center_x = center.astype(X.dtype)
+    center_x = data_center(X).astype(X.dtype)
+    center = center_x.astype(np.float64)
     moments = (
         np.zeros(n_components),
         np.zeros((n_components, n_features)),
@@ -450,7 +465,8 @@ def em_chunk(
     Returns
     -------
     SuffStats
-        With ``loglik = sum_i w_i log p(x_i)``.
+        With ``loglik = sum_i w_i log p(x_i)`` and ``worst`` the row of lowest
+        ``log p(x_i)`` among those of positive weight (the first such row on ties).
 
     Raises
     ------
@@ -462,27 +478,37 @@ def em_chunk(
     n_samples, n_features = X.shape
     n_components = params.n_components
     cov_type = params.covariance_type
-    proj = _Projection.of(params, X.dtype)
+    proj = _Projection.of(params, X)
     moments = (
         np.zeros(n_components),
         np.zeros((n_components, n_features)),
         np.zeros(second_moment_shape(cov_type, n_components, n_features)),
     )
     loglik = 0.0
+    worst: tuple[float, int] = (np.inf, -1)  # (log p, row in chunk) of the worst-fitted row
     for start, ws in _blocks(n_samples, proj.workspace, proj.block_rows):
         xt = _centered(X, start, proj.c0, ws)
         norm, resp = _log_normalize(proj.log_prob(xt, ws), ws)
         _check_finite(X[start : start + ws.rows], norm, chunk_index, row_start + start)
         if sample_weight is None:
             loglik += norm.sum(dtype=np.float64)
+            i = int(np.argmin(norm))
         else:
             w = sample_weight[start : start + ws.rows]
             resp *= w.astype(resp.dtype, copy=False)
             loglik += float(norm.astype(np.float64) @ w.astype(np.float64))
+            i = int(np.argmin(np.where(w > 0, norm, np.inf)))
+        if float(norm[i]) < worst[0] and (sample_weight is None or w[i] > 0):
+            worst = (float(norm[i]), start + i)
         _accumulate(xt, resp, ws, moments, cov_type)
     s1, s2 = _shifted(moments, proj.d, cov_type)
     weight_sum = float(n_samples) if sample_weight is None else sample_weight.sum(dtype=np.float64)
-    return SuffStats(moments[0], s1, s2, loglik, weight_sum, n_samples)
+    worst_fit = None
+    if worst[1] >= 0:
+        at = worst[1]
+        weight = 1.0 if sample_weight is None else float(sample_weight[at])
+        worst_fit = WorstFit(worst[0], row_start + at, X[at].astype(np.float64), weight)
+    return SuffStats(moments[0], s1, s2, loglik, weight_sum, n_samples, worst_fit)
 
 
 def _weighted_resp_stats(

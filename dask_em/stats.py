@@ -45,6 +45,37 @@ def second_moment_shape(
 
 
 @dataclass(frozen=True)
+class WorstFit:
+    """The row with the lowest log-likelihood among those of positive weight; adds by keeping
+    the lower one (ties: the lower row index), so the result does not depend on grouping.
+
+    Attributes
+    ----------
+    loglik : float
+        ``log p(x_i)`` of that row under the E-step's parameters.
+    index : int
+        Its global row index.
+    row : ndarray of shape (D,), float64
+    weight : float
+        Its sample weight (1 without weights).
+    """
+
+    loglik: float
+    index: int
+    row: np.ndarray
+    weight: float
+
+    def __add__(self, other: WorstFit) -> WorstFit:
+        if not isinstance(other, WorstFit):
+            return NotImplemented
+        return self if (self.loglik, self.index) <= (other.loglik, other.index) else other
+
+
+def _lower(a: WorstFit | None, b: WorstFit | None) -> WorstFit | None:
+    return b if a is None else a if b is None else a + b
+
+
+@dataclass(frozen=True)
 class SuffStats:
     """Additive sufficient statistics of (a part of) the data under fixed parameters.
 
@@ -62,6 +93,9 @@ class SuffStats:
         ``sum_i w_i``.
     n_samples : int
         Number of rows.
+    worst : WorstFit or None
+        The row fitted worst by the E-step's parameters (None where not an E-step); used
+        to re-seed a component that lost its mass (`dask_em.reseed`).
     """
 
     n: np.ndarray
@@ -70,6 +104,7 @@ class SuffStats:
     loglik: float
     weight_sum: float
     n_samples: int
+    worst: WorstFit | None = None
 
     def __post_init__(self) -> None:
         for name in ("n", "s1", "s2"):
@@ -106,6 +141,7 @@ class SuffStats:
             self.loglik + other.loglik,
             self.weight_sum + other.weight_sum,
             self.n_samples + other.n_samples,
+            _lower(self.worst, other.worst),
         )
 
     @property

@@ -442,32 +442,3 @@ def test_collapsed_component_without_regularization_gives_the_actionable_error(w
     )
     with pytest.raises(ValueError, match="increase reg_covar"):
         gm.fit(data.path)
-
-
-def test_component_without_mass_keeps_finite_parameters(mixture_zarr):
-    """A component far from every row gets no responsibility: its weight is ~0 and its
-    covariance ``reg_covar * I`` as in scikit-learn, and its parameters stay finite (its
-    mean stays where it was; scikit-learn moves it to the origin). The other components
-    are unaffected and match scikit-learn."""
-    X = mixture_zarr.X
-    means = np.vstack([X[:2], np.full((1, 3), 1e3)])
-    params = dict(
-        n_components=3,
-        covariance_type="diag",
-        tol=0.0,
-        max_iter=5,
-        weights_init=np.full(3, 1 / 3),
-        means_init=means,
-        precisions_init=np.ones((3, 3)),
-    )
-    gm = quiet_fit(dask_em.GaussianMixture(**params), mixture_zarr.dask())
-    sk = quiet_fit(SkGaussianMixture(**params), X)
-    for name in FITTED:
-        assert np.all(np.isfinite(getattr(gm, name))), name
-    assert gm.weights_[2] < 1e-12
-    np.testing.assert_allclose(gm.covariances_[2], gm.reg_covar)
-    np.testing.assert_array_equal(gm.means_[2], means[2])
-    np.testing.assert_allclose(gm.weights_, sk.weights_, rtol=1e-7, atol=1e-15)
-    np.testing.assert_allclose(gm.means_[:2], sk.means_[:2], rtol=1e-7)
-    np.testing.assert_allclose(gm.covariances_, sk.covariances_, rtol=1e-7)
-    np.testing.assert_allclose(gm.lower_bounds_, sk.lower_bounds_, rtol=1e-7)

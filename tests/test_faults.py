@@ -12,6 +12,8 @@
 - The graph of an iteration does not grow over a long fit (task count and pickled bytes).
 - Chunks too large for the workers' memory limit fail at once with a one-line message
   suggesting smaller chunks, instead of a loop of worker restarts.
+- ``dask-em predict`` SIGKILLed mid-write: the output path never shows a half-written
+  array, an earlier output stays intact, and the next run cleans up and publishes.
 
 Waits are on conditions (checkpoint progress, tasks processing on a worker), never on
 fixed sleeps; every process a test starts is killed with its process group.
@@ -33,7 +35,9 @@ from typing import Any
 
 import dask
 import dask.array as da
+import numpy as np
 import pytest
+import zarr
 from cli_helpers import (
     LOCAL,
     assert_ok,
@@ -44,6 +48,7 @@ from cli_helpers import (
     mixture,
     peek_checkpoint,
     run_cli,
+    snapshot,
     start_cli,
     start_external_cluster,
     wait_for,
@@ -271,3 +276,63 @@ def test_chunks_too_large_for_the_memory_limit_fail_fast_suggesting_chunk_rows(
     rows = int(line.split("--chunk-rows ")[1].split(",")[0].split()[0])
     assert 0 < rows * 8 * 8 * 3 <= 100 * 2**20 / 2
     assert not (tmp_path / "m.zarr").exists()
+
+
+# ------------------------------------------------------------ predict output under a kill
+def chunk_files(array_dir: Path) -> list[Path]:
+    """The chunk files a Zarr v3 array has written so far (under ``c/``)."""
+    return [p for p in (array_dir / "c").rglob("*") if p.is_file()] if array_dir.is_dir() else []
+
+
+def kill_predict_mid_write(model: Path, data: str, out: Path) -> int:
+    """Start ``dask-em predict --proba`` into ``out``, SIGKILL its process group once its
+    temporary array holds a first chunk, and return how many chunks it had written."""
+    process = start_cli(
+        "predict", model, data, "--output", out, "--proba", "--chunk-rows", "20000",
+        "--n-workers", "1", "--threads-per-worker", "1",
+    )  # fmt: skip
+    try:
+        tmp = wait_for(
+            lambda: next(
+                (p for p in out.parent.glob(f".{out.name}.tmp-*") if chunk_files(p)), None
+            ),
+            timeout=120,
+            what="the first chunk of the temporary output",
+        )
+    finally:
+        kill_group(process)
+    assert process.returncode == -signal.SIGKILL
+    return len(chunk_files(tmp))
+
+
+@pytest.mark.slow
+def test_predict_killed_mid_write_never_leaves_a_complete_looking_output(tmp_path: Path) -> None:
+    """``dask-em predict`` SIGKILLed while it writes (75 chunks of 20,000 rows): no
+    ``OUT`` appears on a first write, and an earlier complete ``OUT`` is left byte for
+    byte; the half-written array stays hidden under a temporary name, and the next
+    ``predict`` removes it and publishes the complete output."""
+    rows = mixture(1_500_000, 8, 3, seed=31)
+    data = write_array(tmp_path / "data.zarr", rows, (100_000, 8))
+    model = tmp_path / "model.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(3, max_iter=5, random_state=0).fit(rows[:20_000])
+    gm.save(model)
+    out = tmp_path / "proba.zarr"
+    total = 1_500_000 // 20_000
+
+    written = kill_predict_mid_write(model, data, out)
+    assert 1 <= written < total  # killed mid-write
+    assert not out.exists()
+    assert len(list(tmp_path.glob(".proba.zarr.tmp-*"))) == 1
+
+    assert_ok(run_cli("predict", model, data, "--output", out, "--proba", *LOCAL))
+    assert list(tmp_path.glob(".proba.zarr*")) == []  # the leftover was removed
+    expected = gm.predict_proba(rows)
+    published = zarr.open_array(str(out), mode="r")[...]
+    np.testing.assert_allclose(published, expected, rtol=1e-12, atol=1e-300)
+    before = snapshot(out)
+
+    written = kill_predict_mid_write(model, data, out)  # now replacing a complete output
+    assert 1 <= written < total
+    assert snapshot(out) == before

@@ -1,5 +1,5 @@
 """Reliability guarantees: the checkpoint lock, no unpickling ever, numeric data only,
-unknown format versions.
+unknown format versions, leftovers of killed writers.
 
 Real files, real Zarr stores and real processes (no mocks): a second process holds a
 checkpoint's lock while this one tries to use it; a lock holder is SIGKILLed to leave a
@@ -14,14 +14,17 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pytest
 import zarr
@@ -42,6 +45,7 @@ from cli_helpers import (
 )
 
 from dask_em import GaussianMixture, load_model
+from dask_em import io as io_module
 from dask_em.checkpoint import (
     LOCK,
     Checkpoint,
@@ -53,7 +57,7 @@ from dask_em.checkpoint import (
 )
 from dask_em.em import EMResult, FitState
 from dask_em.errors import DataError
-from dask_em.io import open_array
+from dask_em.io import open_array, store_array
 from dask_em.params import GMMParams
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -508,3 +512,48 @@ def test_fit_and_predict_refuse_unknown_format_versions(unknown_versions: dict[s
     )
     assert_usage_error(results["fit"], "format version 99", "--restart")
     assert_usage_error(results["predict"], "format version 999")
+
+
+# ------------------------------------------------------------ leftovers of killed writers
+def dead_pid() -> int:
+    """The pid of a real process that has exited (and been reaped)."""
+    process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(process.stdout)
+
+
+def test_leftovers_of_dead_writers_are_cleaned_and_an_output_renamed_aside_is_restored(
+    tmp_path: Path,
+) -> None:
+    """The state a writer killed between its two renames leaves (the earlier output
+    renamed aside, no output) and a half-written array of a dead writer: the next write
+    puts the earlier output back, removes the half-written array, then publishes; files
+    of live writers and of other hosts are left alone."""
+    out = tmp_path / "labels.zarr"
+    store_array(da.from_array(np.arange(10), chunks=4), out)
+    earlier = snapshot(out)
+    dead, host = dead_pid(), io_module._HOST
+    aside = tmp_path / f".labels.zarr.old-{host}-{dead}-{uuid.uuid4().hex}"
+    os.replace(out, aside)
+    half = tmp_path / f".labels.zarr.tmp-{host}-{dead}-{uuid.uuid4().hex}"
+    shutil.copytree(aside, half)
+    (half / "zarr.json").unlink()
+    live = tmp_path / f".labels.zarr.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex}"
+    other_host = tmp_path / f".labels.zarr.tmp-elsewhere-{dead}-{uuid.uuid4().hex}"
+    live.mkdir()
+    other_host.mkdir()
+
+    done = io_module._clean_leftovers(out)
+    assert len(done) == 2 and "restored" in done[0] and "removed" in done[1], done
+    assert snapshot(out) == earlier
+    assert not aside.exists() and not half.exists()
+    assert live.is_dir() and other_host.is_dir()
+
+    store_array(da.from_array(np.arange(10) * 2, chunks=4), out)  # the next write
+    np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], np.arange(10) * 2)
+    leftovers = {p.name for p in tmp_path.iterdir() if p.name.startswith(".labels.zarr")}
+    assert leftovers == {live.name, other_host.name}
