@@ -3,7 +3,8 @@
 `connect` is a context manager that yields a client set as Dask's default scheduler
 for the duration, so the library's ``compute`` calls run on it, and closes what it
 started. Connection problems become one-line `dask_em.errors.DataError` messages, also
-the loss of an external scheduler mid-work (`scheduler_loss_reported`). `tls_security`
+the loss of an external scheduler mid-work (`scheduler_loss_reported`) and workers
+dying on a task (`killed_workers_reported`). `tls_security`
 builds the ``distributed.Security`` of a TLS connection (``tls://`` addresses).
 """
 
@@ -113,6 +114,28 @@ def scheduler_loss_reported(client: Any, where: str) -> Iterator[None]:
             f"lost the connection to the Dask scheduler at {where}; check that it is running "
             "and rerun the command (with --checkpoint-dir it resumes from the last completed "
             "iteration)."
+        ) from None
+
+
+@contextmanager
+def killed_workers_reported() -> Iterator[None]:
+    """Turn distributed's ``KilledWorker`` into a one-line `DataError` with the usual fix.
+
+    The scheduler raises it when every worker that ran one task died while running it
+    (``distributed.scheduler.allowed-failures`` + 1 of them), which nearly always means
+    the task made its worker run out of memory.
+    """
+    from distributed import KilledWorker
+
+    try:
+        yield
+    except KilledWorker as err:
+        raise DataError(
+            f"{err.allowed_failures + 1} worker(s) died while running the same task (the "
+            f"last one: {err.last_worker.address}); workers "
+            "that die mid-task have usually run out of memory: use a smaller --chunk-rows "
+            "or give the workers more memory (--memory-limit), then rerun (with "
+            "--checkpoint-dir it resumes from the last completed iteration)."
         ) from None
 
 
@@ -266,8 +289,9 @@ def connect(
     DataError
         If the scheduler cannot be reached (also: TLS handshake failed, a TLS scheduler
         without ``security`` or the reverse) or the scheduler file is missing, or (external
-        scheduler) if the connection to it is lost within the block. The logs of
-        distributed's client (e.g. tracebacks of failed reconnections) are silenced
+        scheduler) if the connection to it is lost within the block, or if workers died
+        on a task within the block (``KilledWorker``, usually out of memory). The logs
+        of distributed's client (e.g. tracebacks of failed reconnections) are silenced
         then: the error says what happened, once.
     """
     from distributed import Client
@@ -291,7 +315,12 @@ def connect(
             )
         except (OSError, TimeoutError, ValueError) as err:
             raise DataError(_connect_failure(err, where, security)) from None
-        with silenced("distributed"), client, scheduler_loss_reported(client, where):
+        with (
+            silenced("distributed"),
+            client,
+            scheduler_loss_reported(client, where),
+            killed_workers_reported(),
+        ):
             yield client
         return
     cluster = local_cluster(
@@ -302,7 +331,7 @@ def connect(
         # "Compute Failed" ERROR logs would repeat it on stderr with a traceback.
         silence_logs=logging.CRITICAL,
     )
-    with cluster, Client(cluster, set_as_default=True) as client:
+    with cluster, Client(cluster, set_as_default=True) as client, killed_workers_reported():
         if not quiet:
             workers = len(cluster.workers)
             print(

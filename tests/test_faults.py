@@ -12,6 +12,8 @@
 - The graph of an iteration does not grow over a long fit (task count and pickled bytes).
 - Chunks too large for the workers' memory limit fail at once with a one-line message
   suggesting smaller chunks, instead of a loop of worker restarts.
+- Workers dying on a task (``KilledWorker``, as out of memory): one line suggesting
+  smaller chunks or more memory, no traceback.
 - ``dask-em predict`` SIGKILLed mid-write: the output path never shows a half-written
   array, an earlier output stays intact, and the next run cleans up and publishes.
 
@@ -177,6 +179,66 @@ def test_scheduler_killed_fails_in_one_line_then_resumes_on_a_fresh_cluster(
     assert_ok(resumed)
     assert f"Resuming initialization 0 at iteration {killed_at} " in resumed.stderr
     assert_same_fit(load_model(model), load_model(tmp_path / "reference.zarr"))
+
+
+# ------------------------------------------------------------ workers dying on a task
+@pytest.mark.slow
+def test_workers_dying_on_a_task_fail_in_one_line_suggesting_chunk_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An external cluster whose scheduler allows no task a second worker
+    (``allowed-failures`` 0): SIGKILL the worker running a task of ``dask-em fit``, as
+    the kernel's OOM killer would. distributed raises ``KilledWorker``; the command exits
+    2 with one line that names the dead worker and suggests ``--chunk-rows`` and more
+    memory, with no traceback."""
+    from distributed import Client
+
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "0")
+    data = write_array(tmp_path / "data.zarr", mixture(800_000, 8, 3, seed=25), (200_000, 8))
+    root, model = tmp_path / "cluster", tmp_path / "model.zarr"
+    with start_external_cluster(root) as cluster:
+        process = start_cli(
+            "fit", data, "--n-components", "3", "--tol", "0", "--max-iter", "500",
+            "--output", model, "--scheduler-file", cluster.scheduler_file,
+        )  # fmt: skip
+        try:
+            with Client(scheduler_file=str(cluster.scheduler_file), timeout="30s") as client:
+                for _ in range(20):  # until a kill lands while a task runs
+                    victim = wait_for(
+                        lambda: process.poll() is not None or busy_worker(client),
+                        120,
+                        "a busy worker",
+                    )
+                    if process.poll() is not None:
+                        break
+                    try:
+                        pid = client.run(os.getpid, workers=[victim])[victim]
+                    except Exception:  # it died meanwhile: look again
+                        continue
+                    os.kill(pid, signal.SIGKILL)
+                    wait_for(
+                        lambda: (
+                            process.poll() is not None
+                            or len(client.scheduler_info(n_workers=-1)["workers"]) == 2
+                        ),
+                        120,
+                        "the nanny to restart the worker",
+                    )
+            process.wait(timeout=120)
+            stderr = process.stderr.read()  # type: ignore[union-attr]
+        finally:
+            kill_group(process)
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("dask-em fit: error: "), stderr
+    for fragment in (
+        "worker(s) died while running the same task",
+        "--chunk-rows",
+        "--memory-limit",
+    ):
+        assert fragment in errors[0], errors[0]
+    assert not model.exists()
 
 
 # ------------------------------------------------------------ killed after every iteration
