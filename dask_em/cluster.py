@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import ssl
 import sys
 from collections.abc import Iterator
@@ -226,6 +227,10 @@ def _ssl_error(err: BaseException) -> ssl.SSLError | None:
     return None
 
 
+_CLIENT_CERT_REJECTED = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED")
+"""OpenSSL alerts a server sends when it refuses the client's certificate."""
+
+
 def _connect_failure(err: BaseException, where: str, security: Any) -> str:
     """The one-line message for a failed connection to the scheduler at ``where``."""
     from distributed.comm.core import CommClosedError, FatalCommClosedError
@@ -233,12 +238,27 @@ def _connect_failure(err: BaseException, where: str, security: Any) -> str:
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     tls_error = _ssl_error(err)
     if tls_error is not None or isinstance(err, FatalCommClosedError):
-        detail = getattr(tls_error, "reason", None) or reason
+        named = re.search(r"\[SSL: (\w+)\]", reason)
+        detail = getattr(tls_error, "reason", None) or (named.group(1) if named else reason)
+        if any(alert in detail for alert in _CLIENT_CERT_REJECTED):
+            advice = (
+                "the scheduler rejected the client certificate: --tls-cert/--tls-key must "
+                "be a certificate and key signed by a CA the scheduler trusts."
+            )
+        elif "CERTIFICATE_VERIFY_FAILED" in detail:
+            advice = (
+                "the scheduler's certificate was not accepted: --tls-ca-file must be the CA "
+                "that signed it, and it must name the host in the address."
+            )
+        else:
+            advice = (
+                "the certificates are the likely cause: check that --tls-ca-file is the CA "
+                "that signed the scheduler's certificate and that --tls-cert/--tls-key are a "
+                "client certificate and key signed by a CA the scheduler trusts."
+            )
         return (
             f"cannot connect to the Dask scheduler at {where}: the TLS handshake failed "
-            f"({detail}); the certificates are the likely cause: check that --tls-ca-file "
-            "is the CA that signed the scheduler's certificate and that --tls-cert/--tls-key "
-            "are a client certificate and key signed by a CA the scheduler trusts."
+            f"({detail}); {advice}"
         )
     if security is None and isinstance(err, CommClosedError):
         return (

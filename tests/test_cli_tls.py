@@ -5,8 +5,9 @@ command, start a real ``dask scheduler --protocol tls`` and two ``dask worker``
 processes with it (each in its own session, killed with their process groups at
 teardown), then check that ``dask-em fit --scheduler tls://… --tls-ca-file --tls-cert
 --tls-key`` gives the local-cluster fit, and that a plain ``tcp://`` connection, a
-``tls://`` address without certificates and certificates of another CA each fail with a
-one-line message (exit 2) and write no model. The fast tests check the options alone.
+``tls://`` address without certificates, certificates of another CA, and a client
+certificate the scheduler does not trust each fail with a one-line message (exit 2) naming
+the option to fix, and write no model. The fast tests check the options alone.
 """
 
 from __future__ import annotations
@@ -195,17 +196,23 @@ def test_plain_or_wrong_certificate_connections_to_a_tls_cluster_fail_in_one_lin
     tls_cluster: TLSCluster, tmp_path: Path
 ) -> None:
     """A ``tcp://`` address of the TLS scheduler, its ``tls://`` address (or scheduler file)
-    without certificates, and certificates of another CA each exit 2 with one line naming
-    TLS, quickly, and write no model."""
+    without certificates, certificates of another CA, and a client certificate the
+    scheduler does not trust (with its CA trusted) each exit 2 with one line naming TLS
+    and the option to fix, quickly, and write no model."""
     data = write_array(tmp_path / "data.zarr", mixture(600, 2, 2, seed=3), (300, 2))
     port = tls_cluster.address.rsplit(":", 1)[1]
-    other = make_certificates(tmp_path / "certs", "other").options()
+    others = make_certificates(tmp_path / "certs", "other")
+    other = others.options()
+    # trusts the scheduler's CA, but presents a client certificate the scheduler does not
+    untrusted_client = ["--tls-ca-file", tls_cluster.certificates.ca,
+                        "--tls-cert", others.cert, "--tls-key", others.key]  # fmt: skip
     cases = {
         "tcp": (["--scheduler", f"tcp://127.0.0.1:{port}"], ("tcp://127.0.0.1", "TLS", "--tls-ca-file")),
         "no-scheme": (["--scheduler", f"127.0.0.1:{port}"], ("TLS", "--tls-cert")),
         "tls-no-certs": (["--scheduler", tls_cluster.address], ("uses TLS", "--tls-ca-file", "--tls-key")),
         "file-no-certs": (["--scheduler-file", tls_cluster.scheduler_file], ("uses TLS", "--tls-cert")),
-        "other-ca": (["--scheduler", tls_cluster.address, *other], ("TLS handshake failed", "certificates")),
+        "other-ca": (["--scheduler", tls_cluster.address, *other], ("TLS handshake failed", "--tls-ca-file")),
+        "client-cert": (["--scheduler", tls_cluster.address, *untrusted_client], ("TLS handshake failed (TLSV1_ALERT_UNKNOWN_CA)", "rejected the client certificate", "--tls-cert")),
     }  # fmt: skip
     results = run_many(
         {
