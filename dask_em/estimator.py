@@ -120,6 +120,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     n_passes_ : int
         Full passes over the data made by the last ``fit`` (initialization included).
     n_features_in_ : int
+
+    Warns
+    -----
+    EmptyComponentWarning
+        When a component loses all its mass during ``fit`` and is re-seeded at the
+        worst-fitted row (`dask_em.reseed`; scikit-learn leaves such a component empty).
+        ``lower_bounds_`` may decrease into an iteration that follows a re-seed.
     """
 
     def __init__(
