@@ -100,7 +100,7 @@ class _Projection:
     ) -> _Projection:
         n_components, n_features = means.shape
         prec = np.asarray(precisions_cholesky, dtype=np.float64)
-        center = np.asarray(center).astype(dtype).astype(np.float64)  # the c0 rows see
+        center = np.asarray(center).astype(dtype).astype(np.float64)  # c0 as rows see it
         d = np.asarray(means, dtype=np.float64) - center
         const = (
             -0.5 * n_features * _LOG_2PI
@@ -457,7 +457,7 @@ def em_chunk(
 ) -> SuffStats:
     """E-step of one chunk: its statistics under ``params``, shifted by ``params.means``.
 
-    Works on blocks of `BLOCK_ROWS` rows centered at the mixture mean ``c0``: the
+    Works on blocks of `BLOCK_ROWS` rows centered at ``c0`` (`data_center`): the
     moments about ``c0`` are accumulated with matrix products and moved to the shift
     ``c_k = means_k`` at the end (``s1_k = S1_k - n_k d_k``,
     ``s2_k = S2_k - S1_k d_k^T - d_k S1_k^T + n_k d_k d_k^T`` with ``d_k = c_k - c0``).
