@@ -240,10 +240,20 @@ def _connect_failure(err: BaseException, where: str, security: Any) -> str:
     if tls_error is not None or isinstance(err, FatalCommClosedError):
         named = re.search(r"\[SSL: (\w+)\]", reason)
         detail = getattr(tls_error, "reason", None) or (named.group(1) if named else reason)
+        closed = isinstance(tls_error, ssl.SSLEOFError) or "SSLEOFError" in reason
         if any(alert in detail for alert in _CLIENT_CERT_REJECTED):
             advice = (
                 "the scheduler rejected the client certificate: --tls-cert/--tls-key must "
                 "be a certificate and key signed by a CA the scheduler trusts."
+            )
+        elif closed and security is not None:
+            # with TLS 1.3 the server checks the client's certificate after the client
+            # has finished its side of the handshake; refusing it, the server may just
+            # close the connection before its alert is read
+            detail = "the scheduler closed the connection"
+            advice = (
+                "it does so when it rejected the client certificate: --tls-cert/--tls-key "
+                "must be a certificate and key signed by a CA the scheduler trusts."
             )
         elif "CERTIFICATE_VERIFY_FAILED" in detail:
             advice = (

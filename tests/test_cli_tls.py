@@ -37,6 +37,7 @@ from cli_helpers import (
     write_array,
 )
 
+from dask_em import cluster as cluster_module
 from dask_em import load_model
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -212,7 +213,8 @@ def test_plain_or_wrong_certificate_connections_to_a_tls_cluster_fail_in_one_lin
         "tls-no-certs": (["--scheduler", tls_cluster.address], ("uses TLS", "--tls-ca-file", "--tls-key")),
         "file-no-certs": (["--scheduler-file", tls_cluster.scheduler_file], ("uses TLS", "--tls-cert")),
         "other-ca": (["--scheduler", tls_cluster.address, *other], ("TLS handshake failed", "--tls-ca-file")),
-        "client-cert": (["--scheduler", tls_cluster.address, *untrusted_client], ("TLS handshake failed (TLSV1_ALERT_UNKNOWN_CA)", "rejected the client certificate", "--tls-cert")),
+        # the scheduler's alert (TLSV1_ALERT_UNKNOWN_CA) or, if it closes first, an EOF
+        "client-cert": (["--scheduler", tls_cluster.address, *untrusted_client], ("TLS handshake failed", "rejected the client certificate", "--tls-cert")),
     }  # fmt: skip
     results = run_many(
         {
@@ -250,3 +252,34 @@ def test_tls_options_are_checked_before_connecting(tmp_path: Path) -> None:
     for key, (_, fragments) in cases.items():
         assert_usage_error(results[key], *fragments)
     assert not (tmp_path / "m.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("in <TLS (closed)>: SSLError: [SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca",
+         ("(TLSV1_ALERT_UNKNOWN_CA)", "rejected the client certificate", "--tls-cert")),
+        ("in <TLS (closed)>: SSLEOFError: EOF occurred in violation of protocol (_ssl.c:2427)",
+         ("the scheduler closed the connection", "rejected the client certificate", "--tls-cert")),
+        ("in <TLS (closed)>: SSLCertVerificationError: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed",
+         ("(CERTIFICATE_VERIFY_FAILED)", "--tls-ca-file must be the CA")),
+    ],
+    ids=["alert", "closed", "server-cert"],
+)  # fmt: skip
+def test_handshake_failures_name_the_certificate_to_fix(
+    text: str, fragments: tuple[str, ...]
+) -> None:
+    """The texts distributed gives for a failed TLS handshake (whether the scheduler's
+    alert or its closing the connection reaches the client first is a race, so the
+    cluster test above may see either) each map to a message naming the option to fix."""
+    from distributed.comm.core import FatalCommClosedError
+
+    with_certificates = object()  # only whether TLS options were given matters here
+    message = cluster_module._connect_failure(
+        FatalCommClosedError(text), "tls://h:1", with_certificates
+    )
+    assert message.startswith(
+        "cannot connect to the Dask scheduler at tls://h:1: the TLS handshake failed"
+    )
+    for fragment in fragments:
+        assert fragment in message, message
