@@ -118,11 +118,6 @@ def _cluster(args: argparse.Namespace) -> Any:
         )
     security = None
     if args.tls_ca_file or args.tls_cert or args.tls_key:
-        if not (args.scheduler or args.scheduler_file):
-            raise DataError(
-                "--tls-ca-file/--tls-cert/--tls-key are for a TLS scheduler: give its "
-                "address with --scheduler tls://HOST:PORT or --scheduler-file."
-            )
         if not (args.tls_ca_file and args.tls_cert):
             raise DataError(
                 "a TLS connection needs --tls-ca-file and --tls-cert (and --tls-key unless "

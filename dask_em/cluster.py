@@ -241,20 +241,18 @@ def _connect_failure(err: BaseException, where: str, security: Any) -> str:
         named = re.search(r"\[SSL: (\w+)\]", reason)
         detail = getattr(tls_error, "reason", None) or (named.group(1) if named else reason)
         closed = isinstance(tls_error, ssl.SSLEOFError) or "SSLEOFError" in reason
+        client_cert = (
+            "rejected the client certificate: --tls-cert/--tls-key must be a certificate "
+            "and key signed by a CA the scheduler trusts."
+        )
         if any(alert in detail for alert in _CLIENT_CERT_REJECTED):
-            advice = (
-                "the scheduler rejected the client certificate: --tls-cert/--tls-key must "
-                "be a certificate and key signed by a CA the scheduler trusts."
-            )
+            advice = f"the scheduler {client_cert}"
         elif closed and security is not None:
             # with TLS 1.3 the server checks the client's certificate after the client
             # has finished its side of the handshake; refusing it, the server may just
             # close the connection before its alert is read
             detail = "the scheduler closed the connection"
-            advice = (
-                "it does so when it rejected the client certificate: --tls-cert/--tls-key "
-                "must be a certificate and key signed by a CA the scheduler trusts."
-            )
+            advice = f"it does so when it {client_cert}"
         elif "CERTIFICATE_VERIFY_FAILED" in detail:
             advice = (
                 "the scheduler's certificate was not accepted: --tls-ca-file must be the CA "
@@ -331,7 +329,10 @@ def connect(
     if scheduler_file is not None and not os.path.exists(scheduler_file):
         raise DataError(f"no such scheduler file: {os.fspath(scheduler_file)!r}; check the path.")
     if security is not None and scheduler is None and scheduler_file is None:
-        raise DataError(f"{TLS_OPTIONS} need --scheduler or --scheduler-file.")
+        raise DataError(
+            "--tls-ca-file/--tls-cert/--tls-key are for a TLS scheduler: give its "
+            "address with --scheduler tls://HOST:PORT or --scheduler-file."
+        )
     if scheduler is not None or scheduler_file is not None:
         where = scheduler if scheduler is not None else os.fspath(scheduler_file)  # type: ignore[arg-type]
         _check_protocol(_scheduler_address(scheduler, scheduler_file), where, security)

@@ -76,7 +76,8 @@ class Iteration:
         Whether ``result`` is a point a fit can resume from with the same outcome
         (always for plain EM; for SQUAREM only at the end of an acceleration cycle).
     note : str
-        What else happened (e.g. an extrapolation rejected), for progress output.
+        What else happened (e.g. an extrapolation rejected), for progress output
+        (`remarks` adds the re-seed).
     reseed : Reseed or None
         The empty component this iteration re-seeded (`dask_em.reseed`), if any: the
         next lower bound may be below this one.
@@ -103,6 +104,12 @@ class Iteration:
     def converged(self) -> bool:
         """Whether ``|change| < tol``."""
         return self.result.converged
+
+    @property
+    def remarks(self) -> str:
+        """``note`` and the re-seed, if any, as one line for progress output."""
+        reseeded = self.reseed.describe() if self.reseed is not None else ""
+        return "; ".join(part for part in (self.note, reseeded) if part)
 
 
 def _advance(
@@ -175,8 +182,7 @@ def em_steps(
         stats = yield e_step_pass(result.params)
         result, change, event = _advance(stats, result, tol, reg_covar)
         if callback is not None:
-            note = event.describe() if event is not None else ""
-            callback(Iteration(result, change, time.perf_counter() - began, True, note, event))
+            callback(Iteration(result, change, time.perf_counter() - began, reseed=event))
     return result
 
 
@@ -280,8 +286,6 @@ def squarem_steps(
         event: Reseed | None = None,
     ) -> None:
         if callback is not None:
-            if event is not None:
-                note = "; ".join(part for part in (note, event.describe()) if part)
             seconds = time.perf_counter() - began
             callback(Iteration(r, change, seconds, resumable or done(r), note, event))
 

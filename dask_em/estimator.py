@@ -431,7 +431,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             print(
                 f"iteration {it.n_iter:4d}  lower bound {it.lower_bound: .10g}  "
                 f"change {it.change: .3e}  {it.seconds:.2f} s{which}"
-                + (f"  ({it.note})" if it.note else ""),
+                + (f"  ({it.remarks})" if it.remarks else ""),
                 file=sys.stderr,
                 flush=True,
             )

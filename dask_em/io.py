@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -351,8 +353,24 @@ def _beside(dest: Path, kind: str) -> Path:
     return dest.with_name(f".{dest.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
 
 
-def _tmp_beside(dest: Path) -> Path:
-    return _beside(dest, "tmp")
+@contextmanager
+def _published(dest: Path) -> Iterator[Path]:
+    """A temporary path beside ``dest`` to write into, published as ``dest`` at the end.
+
+    Refuses (DataError) a ``dest`` that dask-em did not write, and first clears what
+    killed writers of ``dest`` left (`_clean_leftovers`). When the block ends normally
+    the complete temporary is renamed into place (`_publish`); in any case nothing of
+    it is left behind.
+    """
+    _check_replaceable(dest)
+    _clean_leftovers(dest)
+    tmp = _beside(dest, "tmp")
+    try:
+        yield tmp
+        _publish(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -409,18 +427,10 @@ def store_array(
 
     Chunks are compressed with `ARRAY_COMPRESSORS`.
     """
-    dest = Path(path)
-    _check_replaceable(dest)
-    _clean_leftovers(dest)
-    tmp = _tmp_beside(dest)
-    try:
+    with _published(Path(path)) as tmp:
         da.to_zarr(X, str(tmp), compute=True, compressors=list(ARRAY_COMPRESSORS))
         group_attrs = zarr.open_array(str(tmp), mode="r+").attrs
         group_attrs.update({"dask_em_output": True, **(attrs or {})})
-        _publish(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _json_float(value: float) -> float | None:
@@ -438,11 +448,7 @@ def write_model(path: str | os.PathLike[str], params: GMMParams, attrs: dict[str
     attrs : dict
         JSON-serializable attributes (non-finite floats are stored as null).
     """
-    dest = Path(path)
-    _check_replaceable(dest)
-    _clean_leftovers(dest)
-    tmp = _tmp_beside(dest)
-    try:
+    with _published(Path(path)) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
         for name in _MODEL_ARRAYS:
             group.create_array(name, data=np.asarray(getattr(params, name), dtype=np.float64))
@@ -457,10 +463,6 @@ def write_model(path: str | os.PathLike[str], params: GMMParams, attrs: dict[str
                 **clean,
             }
         )
-        _publish(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]:
