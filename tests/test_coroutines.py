@@ -186,29 +186,41 @@ def test_serve_alone_returns_the_coroutines_result_with_one_pass_per_request(dat
 
 
 # ----------------------------------------------------------------------- em_steps
-@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
-def test_em_steps_follow_sklearn_from_the_same_start(data, given_inits, covariance_type):
-    inits = given_inits(data, N_COMPONENTS, covariance_type)
+def em_and_sklearn(
+    X: np.ndarray, inits: dict[str, np.ndarray], covariance_type: str, max_iter: int
+) -> tuple[EMResult, list[Iteration], NumpyPasses, Any]:
+    """`em_steps` served alone and scikit-learn, from the same ``*_init`` parameters."""
     sk = fit_sklearn(
-        data,
+        X,
         n_components=N_COMPONENTS,
         covariance_type=covariance_type,
         tol=TOL,
-        max_iter=300,
+        max_iter=max_iter,
         reg_covar=REG_COVAR,
         **inits,
     )
     start = EMResult(start_params(inits, covariance_type))
-    result, seen, server = run_alone(data, start, em_steps, max_iter=300)
+    return (*run_alone(X, start, em_steps, max_iter), sk)
 
-    assert sk.converged_ and sk.n_iter_ >= 10, "the case must take many EM iterations"
-    assert result.converged and result.n_iter == sk.n_iter_
-    assert server.n_passes == result.n_iter  # one E-step pass per iteration
+
+def assert_same_trajectory(result: EMResult, sk: Any) -> None:
+    """The run's iterations, lower bounds and parameters are scikit-learn's (1e-7)."""
+    assert result.converged == sk.converged_ and result.n_iter == sk.n_iter_
     np.testing.assert_allclose(result.lower_bounds, sk.lower_bounds_, rtol=RTOL)
     assert rel_err(result.params.weights, sk.weights_) <= RTOL
     assert rel_err(result.params.means, sk.means_) <= RTOL
     assert rel_err(result.params.covariances, sk.covariances_) <= RTOL
     assert rel_err(result.params.precisions_cholesky, sk.precisions_cholesky_) <= RTOL
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_em_steps_follow_sklearn_from_the_same_start(data, given_inits, covariance_type):
+    inits = given_inits(data, N_COMPONENTS, covariance_type)
+    result, seen, server, sk = em_and_sklearn(data, inits, covariance_type, 300)
+
+    assert sk.converged_ and sk.n_iter_ >= 10, "the case must take many EM iterations"
+    assert_same_trajectory(result, sk)
+    assert server.n_passes == result.n_iter  # one E-step pass per iteration
     # the callback sees every iteration, 1-based, with its change of the lower bound
     assert [it.n_iter for it in seen] == list(range(1, result.n_iter + 1))
     assert [it.lower_bound for it in seen] == result.lower_bounds
@@ -223,21 +235,11 @@ def test_em_steps_follow_sklearn_from_the_same_start(data, given_inits, covarian
 @pytest.mark.parametrize("covariance_type", ["full", "spherical"])
 def test_em_steps_stop_at_max_iter_like_sklearn(data, given_inits, covariance_type):
     inits = given_inits(data, N_COMPONENTS, covariance_type)
-    sk = fit_sklearn(
-        data,
-        n_components=N_COMPONENTS,
-        covariance_type=covariance_type,
-        tol=TOL,
-        max_iter=5,
-        **inits,
-    )
-    result, _, server = run_alone(data, EMResult(start_params(inits, covariance_type)), em_steps, 5)
+    result, _, server, sk = em_and_sklearn(data, inits, covariance_type, 5)
 
-    assert not sk.converged_ and not result.converged
-    assert result.n_iter == sk.n_iter_ == 5 == server.n_passes
-    np.testing.assert_allclose(result.lower_bounds, sk.lower_bounds_, rtol=RTOL)
-    assert rel_err(result.params.means, sk.means_) <= RTOL
-    assert rel_err(result.params.covariances, sk.covariances_) <= RTOL
+    assert not sk.converged_
+    assert_same_trajectory(result, sk)
+    assert result.n_iter == server.n_passes == 5
 
 
 @pytest.mark.parametrize("steps", [em_steps, squarem_steps])
