@@ -242,6 +242,21 @@ def test_em_steps_stop_at_max_iter_like_sklearn(data, given_inits, covariance_ty
     assert result.n_iter == server.n_passes == 5
 
 
+def test_a_warm_start_measures_its_first_change_from_its_lower_bound(data, given_inits):
+    params = start_params(given_inits(data, N_COMPONENTS, "tied"), "tied")
+    cold, _, _ = run_alone(data, EMResult(params), em_steps, 3)
+    warm, seen, _ = run_alone(data, EMResult(params, lower_bound=0.0), em_steps, 3)
+
+    assert warm.lower_bounds == cold.lower_bounds
+    assert seen[0].change == cold.lower_bounds[0] < 0.0  # the fall from 0, signed
+    assert not seen[0].converged
+    # the same start with its own first lower bound converges at once
+    again, seen, _ = run_alone(
+        data, EMResult(params, lower_bound=cold.lower_bounds[0]), em_steps, 3
+    )
+    assert again.converged and again.n_iter == 1 and seen[0].change == 0.0
+
+
 @pytest.mark.parametrize("steps", [em_steps, squarem_steps])
 def test_max_iter_counts_the_iterations_of_the_start(data, given_inits, steps):
     """A run at ``max_iter`` or converged is returned as it is; a run at ``n_iter``
