@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from oracle import fit_sklearn, rel_err
+from oracle import fit_sklearn, rel_err, same_inits
 
 from dask_em.em import (
     EMResult,
@@ -119,21 +119,13 @@ def assert_same_run(a: EMResult, b: EMResult) -> None:
 
 
 def rows_initializer(X: np.ndarray, covariance_type: str) -> Callable[[int], Steps[GMMParams]]:
-    """An initializer coroutine: means at ``K`` random rows (one `Rows` request), equal
-    weights and the data's per-feature variances, independent of `dask_em.init`."""
-    variances = X.var(axis=0)
-    covariances = {
-        "full": np.repeat(np.diag(variances)[None], N_COMPONENTS, axis=0),
-        "tied": np.diag(variances),
-        "diag": np.repeat(variances[None], N_COMPONENTS, axis=0),
-        "spherical": np.full(N_COMPONENTS, variances.mean()),
-    }[covariance_type]
+    """An initializer coroutine independent of `dask_em.init`: means at ``K`` random rows
+    (one `Rows` request), equal weights and diagonal precisions (`oracle.same_inits`)."""
 
     def initialize(seed: int) -> Steps[GMMParams]:
         indices = np.random.default_rng(seed).choice(X.shape[0], N_COMPONENTS, replace=False)
         means = yield Rows(indices)
-        weights = np.full(N_COMPONENTS, 1.0 / N_COMPONENTS)
-        return GMMParams.from_covariances(weights, means, covariances, covariance_type)
+        return start_params(same_inits(X, covariance_type, means), covariance_type)
 
     return initialize
 
