@@ -42,13 +42,12 @@ import numpy as np
 
 from dask_em.em import EMResult, FitState
 from dask_em.errors import DataError
-from dask_em.params import GMMParams
+from dask_em.params import PARAM_ARRAYS, GMMParams
 
 FORMAT = "dask-em-checkpoint"
 FORMAT_VERSION = 2  # 2: one run per initialization (shared passes), SQUAREM step cap
 KEEP_STATES = 3
 MANIFEST = "manifest.json"
-_PARAM_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
 
 
 class CheckpointMismatch(DataError):
@@ -171,7 +170,7 @@ class Checkpoint:
                     "covariance_type": run.params.covariance_type,
                 }
             )
-            for name in _PARAM_ARRAYS:
+            for name in PARAM_ARRAYS:
                 fname = f"run{index}_{name}.npy"
                 np.save(tmp / fname, np.asarray(getattr(run.params, name)), allow_pickle=False)
                 _fsync(tmp / fname)
@@ -313,7 +312,7 @@ class Checkpoint:
             f"run{index}_{name}.npy"
             for index, run in enumerate(meta["runs"])
             if run is not None
-            for name in _PARAM_ARRAYS
+            for name in PARAM_ARRAYS
         }
         if set(meta["files"]) != expected:
             raise _Damaged("state.json lists other array files than its runs need")
@@ -363,7 +362,7 @@ class Checkpoint:
             if info is None:
                 runs.append(None)
                 continue
-            arrays = [_read_npy(path / f"run{index}_{name}.npy") for name in _PARAM_ARRAYS]
+            arrays = [_read_npy(path / f"run{index}_{name}.npy") for name in PARAM_ARRAYS]
             runs.append(
                 EMResult(
                     GMMParams(*arrays, info["covariance_type"]),

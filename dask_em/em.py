@@ -194,16 +194,12 @@ SQUAREM_STEP_LIMIT = 4.0**6
 """Largest step-length cap SQUAREM may reach."""
 
 
-def _as_vector(params: GMMParams) -> np.ndarray:
-    return np.concatenate([params.weights, params.means.ravel(), params.covariances.ravel()])
-
-
 def step_length(p0: GMMParams, p1: GMMParams, p2: GMMParams, step_max: float) -> float:
     """SQUAREM's step length ``|r| / |v|`` (scheme S3) clamped to ``[1, step_max]``.
 
     ``r = p1 - p0`` and ``v = p2 - 2 p1 + p0`` over all parameters; 1 means plain EM.
     """
-    x0, x1, x2 = _as_vector(p0), _as_vector(p1), _as_vector(p2)
+    x0, x1, x2 = p0.flat(), p1.flat(), p2.flat()
     norm_v = float(np.linalg.norm(x2 - 2.0 * x1 + x0))
     if norm_v == 0.0 or not np.isfinite(norm_v):
         return 1.0
@@ -230,7 +226,7 @@ def extrapolate(
         alpha = step_length(p0, p1, p2, SQUAREM_STEP_LIMIT)
     if alpha <= 1.0:
         return None
-    x0, x1, x2 = _as_vector(p0), _as_vector(p1), _as_vector(p2)
+    x0, x1, x2 = p0.flat(), p1.flat(), p2.flat()
     r = x1 - x0
     v = x2 - 2.0 * x1 + x0
     x = x0 + 2.0 * alpha * r + alpha * alpha * v
@@ -240,7 +236,7 @@ def extrapolate(
         return None
     means = x[k : k + k * d].reshape(k, d)
     cov = x[k + k * d :].reshape(p0.covariances.shape)
-    if p0.covariance_type in ("full", "tied"):
+    if p0.kind.matrix:
         cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
     try:
         return GMMParams.from_covariances(weights / weights.sum(), means, cov, p0.covariance_type)

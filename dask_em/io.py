@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from dask_em.errors import DataError
-from dask_em.params import COVARIANCE_TYPES, GMMParams, covariance_shape
+from dask_em.params import COVARIANCE_TYPES, PARAM_ARRAYS, GMMParams, covariance_shape
 
 TASK_TARGET_BYTES = 32 * 2**20
 """Most input bytes per task when `task_rows` merges small store chunks.
@@ -41,7 +41,6 @@ kernel works in small blocks), far under a 512 MiB worker memory limit.
 
 MODEL_FORMAT = "dask-em-model"
 MODEL_FORMAT_VERSION = 1
-_MODEL_ARRAYS = ("weights", "means", "covariances", "precisions_cholesky")
 
 ARRAY_COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 """Compression of the data and prediction arrays that dask-em writes: Blosc LZ4 with byte
@@ -450,7 +449,7 @@ def write_model(path: str | os.PathLike[str], params: GMMParams, attrs: dict[str
     """
     with _published(Path(path)) as tmp:
         group = zarr.open_group(str(tmp), mode="w")
-        for name in _MODEL_ARRAYS:
+        for name in PARAM_ARRAYS:
             group.create_array(name, data=np.asarray(getattr(params, name), dtype=np.float64))
         clean = {k: (_json_float(v) if isinstance(v, float) else v) for k, v in attrs.items()}
         group.attrs.update(
@@ -499,10 +498,10 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
     cov_type = attrs.get("covariance_type")
     if cov_type not in COVARIANCE_TYPES:
         raise DataError(f"{location!r} has an unknown covariance_type {cov_type!r}.")
-    for name in _MODEL_ARRAYS:  # before Zarr parses any array's metadata
+    for name in PARAM_ARRAYS:  # before Zarr parses any array's metadata
         _check_stored_metadata(Path(location) / name, f"the model array {location}/{name}")
     arrays = {}
-    for name in _MODEL_ARRAYS:
+    for name in PARAM_ARRAYS:
         if name not in group.array_keys():
             raise DataError(f"{location!r} lacks the array {name!r}; the model is incomplete.")
         _check_node(group[name], f"the model array {location}/{name}")  # before reading it

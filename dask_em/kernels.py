@@ -24,10 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dask_em.errors import DataError
-from dask_em.params import GMMParams, log_det_cholesky
-from dask_em.stats import SuffStats, WorstFit, second_moment_shape
-
-_LOG_2PI = np.log(2.0 * np.pi)
+from dask_em.params import LOG_2PI, GMMParams, log_det_cholesky, second_moment_shape
+from dask_em.stats import SuffStats, WorstFit
 
 
 def chunk_rng(seed: int, *stream: int) -> np.random.Generator:
@@ -103,7 +101,7 @@ class _Projection:
         center = np.asarray(center).astype(dtype).astype(np.float64)  # c0 as rows see it
         d = np.asarray(means, dtype=np.float64) - center
         const = (
-            -0.5 * n_features * _LOG_2PI
+            -0.5 * n_features * LOG_2PI
             + np.asarray(log_det_cholesky(prec, covariance_type, n_features))
             + log_weights
         )
@@ -395,7 +393,7 @@ def moment_stats(
     -------
     n : ndarray of shape (K,), float64
     s1 : ndarray of shape (K, D), float64
-    s2 : ndarray, shape from `dask_em.stats.second_moment_shape`, float64
+    s2 : ndarray, shape from `dask_em.params.second_moment_shape`, float64
     """
     n_features = X.shape[1]
     n_components = resp.shape[1]

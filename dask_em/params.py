@@ -1,7 +1,8 @@
 """Gaussian-mixture parameters: the `GMMParams` value, its validation and conversions.
 
-Owns the four covariance parametrizations (``full``, ``tied``, ``diag``, ``spherical``)
-and the conversions between covariances, precisions and precision Cholesky factors,
+Owns the four covariance parametrizations (``full``, ``tied``, ``diag``, ``spherical``),
+whose facts (shapes, matrix or not, shared or not, free parameters) are one table,
+`COVARIANCE`, that every module asks instead of comparing names, and the conversions between covariances, precisions and precision Cholesky factors,
 following scikit-learn's conventions exactly: the precision Cholesky factor ``U`` of a
 covariance ``S`` is upper triangular with ``inv(S) = U @ U.T``.
 
@@ -16,6 +17,9 @@ type           covariances     precisions_cholesky
 ``spherical``  ``(K,)``        ``(K,)``
 =============  ==============  ==================================
 
+Shifted second moments (`dask_em.stats.SuffStats.s2`) are those shapes with the
+diagonal types at (K, D): see `second_moment_shape`.
+
 No Dask here: everything is small NumPy arrays.
 """
 
@@ -26,7 +30,71 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-COVARIANCE_TYPES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
+
+@dataclass(frozen=True)
+class CovarianceType:
+    """The facts of one covariance parametrization (one row of `COVARIANCE`).
+
+    Attributes
+    ----------
+    name : {'full', 'tied', 'diag', 'spherical'}
+    matrix : bool
+        Each covariance is a (D, D) matrix (``full``, ``tied``), not a vector of variances.
+    shared : bool
+        One covariance for all components (``tied``).
+    per_feature : bool
+        A variance per feature (``diag``), or one for all features (``spherical``);
+        true for the matrix types.
+    """
+
+    name: str
+    matrix: bool
+    shared: bool
+    per_feature: bool
+
+    def covariance_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
+        """Shape of the covariances (and precisions) array: see the module's table."""
+        lead = () if self.shared else (n_components,)
+        if self.matrix:
+            return (*lead, n_features, n_features)
+        return (*lead, n_features) if self.per_feature else lead
+
+    def second_moment_shape(self, n_components: int, n_features: int) -> tuple[int, ...]:
+        """Shape of the shifted second moments ``s2`` (`dask_em.stats.SuffStats`).
+
+        ``full``: (K, D, D); ``tied``: (D, D) (summed over components); ``diag`` and
+        ``spherical``: (K, D) (diagonal only).
+        """
+        lead = () if self.shared else (n_components,)
+        return (*lead, n_features, n_features) if self.matrix else (*lead, n_features)
+
+    def n_parameters(self, n_components: int, n_features: int) -> int:
+        """Number of free parameters of the covariances."""
+        if self.matrix:
+            per_covariance = n_features * (n_features + 1) // 2
+        else:
+            per_covariance = n_features if self.per_feature else 1
+        return per_covariance * (1 if self.shared else n_components)
+
+
+COVARIANCE: dict[str, CovarianceType] = {
+    kind.name: kind
+    for kind in (
+        CovarianceType("full", matrix=True, shared=False, per_feature=True),
+        CovarianceType("tied", matrix=True, shared=True, per_feature=True),
+        CovarianceType("diag", matrix=False, shared=False, per_feature=True),
+        CovarianceType("spherical", matrix=False, shared=False, per_feature=False),
+    )
+}
+"""The covariance types and their facts, by name: the one place that knows them."""
+
+COVARIANCE_TYPES: tuple[str, ...] = tuple(COVARIANCE)
+
+PARAM_ARRAYS: tuple[str, ...] = ("weights", "means", "covariances", "precisions_cholesky")
+"""The array fields of `GMMParams`, in order: what models and checkpoints store."""
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+"""``log(2 pi)``, of the Gaussian log-density's constant."""
 
 ILL_DEFINED_COVARIANCE = (
     "Fitting the mixture model failed because some components have ill-defined "
@@ -37,23 +105,25 @@ ILL_DEFINED_COVARIANCE = (
 )
 
 
-def check_covariance_type(covariance_type: str) -> str:
-    """Return ``covariance_type`` if it is one of `COVARIANCE_TYPES`, else raise ValueError."""
-    if covariance_type not in COVARIANCE_TYPES:
+def covariance_kind(covariance_type: str) -> CovarianceType:
+    """The `COVARIANCE` row of ``covariance_type``, or ValueError naming the valid types."""
+    if covariance_type not in COVARIANCE:
         raise ValueError(
             f"Invalid covariance_type {covariance_type!r}: use one of {', '.join(COVARIANCE_TYPES)}."
         )
-    return covariance_type
+    return COVARIANCE[covariance_type]
 
 
 def covariance_shape(covariance_type: str, n_components: int, n_features: int) -> tuple[int, ...]:
     """Shape of the covariances (and precisions) array for a covariance type."""
-    return {
-        "full": (n_components, n_features, n_features),
-        "tied": (n_features, n_features),
-        "diag": (n_components, n_features),
-        "spherical": (n_components,),
-    }[check_covariance_type(covariance_type)]
+    return covariance_kind(covariance_type).covariance_shape(n_components, n_features)
+
+
+def second_moment_shape(
+    covariance_type: str, n_components: int, n_features: int
+) -> tuple[int, ...]:
+    """Shape of the shifted second moments ``s2`` for a covariance type."""
+    return covariance_kind(covariance_type).second_moment_shape(n_components, n_features)
 
 
 def _flipudlr(a: np.ndarray) -> np.ndarray:
@@ -95,10 +165,9 @@ def precisions_cholesky_from_covariances(
         If a covariance is not positive definite (the message says what to change).
     """
     covariances = np.asarray(covariances, dtype=np.float64)
-    if covariance_type == "full":
-        return np.stack([_cholesky_upper_precision(c) for c in covariances])
-    if covariance_type == "tied":
-        return _cholesky_upper_precision(covariances)
+    if covariance_kind(covariance_type).matrix:
+        mats = covariances.reshape(-1, *covariances.shape[-2:])
+        return np.stack([_cholesky_upper_precision(c) for c in mats]).reshape(covariances.shape)
     if np.any(~(covariances > 0.0)):
         raise ValueError(ILL_DEFINED_COVARIANCE)
     return 1.0 / np.sqrt(covariances)
@@ -117,19 +186,17 @@ def precisions_cholesky_from_precisions(precisions: np.ndarray, covariance_type:
     precisions_cholesky : ndarray, same shape as ``precisions``
     """
     precisions = np.asarray(precisions, dtype=np.float64)
-    if covariance_type == "full":
-        return np.stack([_flipudlr(linalg.cholesky(_flipudlr(p), lower=True)) for p in precisions])
-    if covariance_type == "tied":
-        return _flipudlr(linalg.cholesky(_flipudlr(precisions), lower=True))
+    if covariance_kind(covariance_type).matrix:
+        mats = precisions.reshape(-1, *precisions.shape[-2:])
+        factors = [_flipudlr(linalg.cholesky(_flipudlr(p), lower=True)) for p in mats]
+        return np.stack(factors).reshape(precisions.shape)
     return np.sqrt(precisions)
 
 
 def precisions_from_cholesky(precisions_cholesky: np.ndarray, covariance_type: str) -> np.ndarray:
     """Precisions ``U @ U.T`` (or ``U**2`` for diag/spherical) from their Cholesky factors."""
-    if covariance_type == "full":
-        return np.einsum("kij,klj->kil", precisions_cholesky, precisions_cholesky)
-    if covariance_type == "tied":
-        return precisions_cholesky @ precisions_cholesky.T
+    if covariance_kind(covariance_type).matrix:
+        return precisions_cholesky @ np.swapaxes(precisions_cholesky, -1, -2)
     return precisions_cholesky**2
 
 
@@ -137,7 +204,7 @@ def covariances_from_precisions_cholesky(
     precisions_cholesky: np.ndarray, covariance_type: str
 ) -> np.ndarray:
     """Covariances from precision Cholesky factors: ``inv(U @ U.T)`` (or ``1/U**2``)."""
-    if covariance_type in ("full", "tied"):
+    if covariance_kind(covariance_type).matrix:
         u_inv = np.linalg.inv(precisions_cholesky)
         return np.swapaxes(u_inv, -1, -2) @ u_inv
     return 1.0 / precisions_cholesky**2
@@ -152,28 +219,20 @@ def log_det_cholesky(
     -------
     log_det : ndarray of shape (K,), or a float for ``tied``
     """
-    if covariance_type == "full":
-        n_components = precisions_cholesky.shape[0]
-        diag = precisions_cholesky.reshape(n_components, -1)[:, :: n_features + 1]
-        return np.sum(np.log(diag), axis=1)
-    if covariance_type == "tied":
-        return float(np.sum(np.log(np.diag(precisions_cholesky))))
-    if covariance_type == "diag":
+    kind = covariance_kind(covariance_type)
+    if kind.matrix:
+        diag = np.diagonal(precisions_cholesky, axis1=-2, axis2=-1)
+        log_det = np.sum(np.log(diag), axis=-1)
+        return float(log_det) if kind.shared else log_det
+    if kind.per_feature:
         return np.sum(np.log(precisions_cholesky), axis=1)
     return n_features * np.log(precisions_cholesky)
 
 
 def n_parameters(n_components: int, n_features: int, covariance_type: str) -> int:
     """Number of free parameters of the mixture (for BIC/AIC)."""
-    if covariance_type == "full":
-        cov_params = n_components * n_features * (n_features + 1) / 2.0
-    elif covariance_type == "diag":
-        cov_params = n_components * n_features
-    elif covariance_type == "tied":
-        cov_params = n_features * (n_features + 1) / 2.0
-    else:
-        cov_params = n_components
-    return int(cov_params + n_features * n_components + n_components - 1)
+    cov_params = covariance_kind(covariance_type).n_parameters(n_components, n_features)
+    return cov_params + n_features * n_components + n_components - 1
 
 
 @dataclass(frozen=True)
@@ -197,7 +256,7 @@ class GMMParams:
     covariance_type: str
 
     def __post_init__(self) -> None:
-        for name in ("weights", "means", "covariances", "precisions_cholesky"):
+        for name in PARAM_ARRAYS:
             value = np.array(getattr(self, name), dtype=np.float64)
             value.flags.writeable = False
             object.__setattr__(self, name, value)
@@ -248,18 +307,24 @@ class GMMParams:
         return int(self.means.shape[1])
 
     @property
+    def kind(self) -> CovarianceType:
+        """The facts of this covariance type (`COVARIANCE`)."""
+        return covariance_kind(self.covariance_type)
+
+    @property
     def precisions(self) -> np.ndarray:
         """Precision matrices (inverse covariances), same shape as ``covariances``."""
         return precisions_from_cholesky(self.precisions_cholesky, self.covariance_type)
 
     def flat(self) -> np.ndarray:
-        """All parameters as one float64 vector (for comparisons and checksums)."""
-        return np.concatenate(
-            [
-                a.ravel()
-                for a in (self.weights, self.means, self.covariances, self.precisions_cholesky)
-            ]
-        )
+        """The free parameters as one float64 vector: weights, means, covariances, raveled.
+
+        Returns
+        -------
+        ndarray of shape (K + K*D + covariances.size,)
+            The precision Cholesky factors are left out: they follow from the covariances.
+        """
+        return np.concatenate([self.weights, self.means.ravel(), self.covariances.ravel()])
 
 
 def check_init_arrays(
@@ -314,12 +379,11 @@ def check_init_arrays(
                 f"The parameter '{covariance_type} precision' should have the shape of "
                 f"{expected}, but got {p.shape}."
             )
-        mats = {"full": p, "tied": p[None]}.get(covariance_type)
-        if mats is None:
+        if not covariance_kind(covariance_type).matrix:
             if np.any(~(p > 0.0)):
                 raise ValueError(f"'{covariance_type} precision' should be positive.")
         else:
-            for mat in mats:
+            for mat in p.reshape(-1, n_features, n_features):
                 if not np.allclose(mat, mat.T) or np.any(np.linalg.eigvalsh(mat) <= 0.0):
                     raise ValueError(
                         f"'{covariance_type} precision' should be symmetric, positive-definite."

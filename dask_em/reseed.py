@@ -29,14 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dask_em.params import GMMParams, log_det_cholesky
+from dask_em.params import LOG_2PI, GMMParams, log_det_cholesky
 from dask_em.stats import SuffStats
 
 EMPTY_MASS = 1e-6
 """A component is empty when its responsibility mass is below this fraction of an
 average row's weight."""
-
-_LOG_2PI = float(np.log(2.0 * np.pi))
 
 
 @dataclass(frozen=True)
@@ -83,8 +81,6 @@ def empty_components(stats: SuffStats) -> np.ndarray:
 
 def _average_covariance(params: GMMParams, live: np.ndarray) -> np.ndarray:
     """The covariance of a re-seeded component: weighted mean over the ``live`` components."""
-    if params.covariance_type == "tied":
-        return params.covariances
     w = params.weights[live] / params.weights[live].sum()
     return np.tensordot(w, params.covariances[live], axes=1)
 
@@ -118,12 +114,12 @@ def reseed(params: GMMParams, stats: SuffStats) -> tuple[GMMParams, Reseed] | No
     means = params.means.copy()
     means[k] = worst.row
     covariances = params.covariances.copy()
-    if params.covariance_type != "tied":
+    if not params.kind.shared:
         covariances[k] = _average_covariance(params, live)
     new = GMMParams.from_covariances(weights, means, covariances, params.covariance_type)
     log_det = log_det_cholesky(new.precisions_cholesky, new.covariance_type, new.n_features)
     log_det_k = float(log_det if np.ndim(log_det) == 0 else log_det[k])  # type: ignore[index]
-    own_density = np.log(weights[k]) - 0.5 * new.n_features * _LOG_2PI + log_det_k
+    own_density = np.log(weights[k]) - 0.5 * new.n_features * LOG_2PI + log_det_k
     if not own_density > worst.loglik:
         return None
     return new, Reseed(k, worst.index, worst.loglik, float(stats.n[k]))

@@ -23,25 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from dask_em.errors import DataError
-from dask_em.params import GMMParams, check_covariance_type
+from dask_em.params import GMMParams, covariance_kind, second_moment_shape
 
 _EPS = 10.0 * np.finfo(np.float64).eps  # added to n_k exactly as scikit-learn does
-
-
-def second_moment_shape(
-    covariance_type: str, n_components: int, n_features: int
-) -> tuple[int, ...]:
-    """Shape of ``s2`` for a covariance type.
-
-    ``full``: (K, D, D); ``tied``: (D, D) (summed over components); ``diag`` and
-    ``spherical``: (K, D) (diagonal only).
-    """
-    return {
-        "full": (n_components, n_features, n_features),
-        "tied": (n_features, n_features),
-        "diag": (n_components, n_features),
-        "spherical": (n_components, n_features),
-    }[check_covariance_type(covariance_type)]
 
 
 @dataclass(frozen=True)
@@ -85,7 +69,7 @@ class SuffStats:
         Weighted responsibility mass per component.
     s1 : ndarray of shape (K, D)
         Shifted first moments.
-    s2 : ndarray, shape from `second_moment_shape`
+    s2 : ndarray, shape from `dask_em.params.second_moment_shape`
         Shifted second moments.
     loglik : float
         ``sum_i w_i log p(x_i)`` under the parameters of the E-step (0 where not an E-step).
@@ -206,5 +190,5 @@ def m_step(
     elif covariance_type == "spherical":
         cov = (stats.s2 / nk[:, None] - delta**2).mean(axis=1) + reg_covar
     else:
-        check_covariance_type(covariance_type)
+        covariance_kind(covariance_type)  # raises: not a covariance type
     return GMMParams.from_covariances(nk / nk.sum(), means, cov, covariance_type)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracle import fit_sklearn
 from scipy import stats as sps
 
 from dask_em import kernels
@@ -26,9 +27,13 @@ from dask_em.errors import DataError
 from dask_em.params import (
     COVARIANCE_TYPES,
     GMMParams,
+    covariance_kind,
+    covariance_shape,
     covariances_from_precisions_cholesky,
+    n_parameters,
     precisions_cholesky_from_covariances,
     precisions_from_cholesky,
+    second_moment_shape,
 )
 from dask_em.reduce import RowData
 from dask_em.stats import SuffStats, m_step
@@ -136,6 +141,26 @@ def test_responsibilities_are_normalized_and_finite_far_from_every_component(cov
     assert np.all(np.isfinite(norm)) and np.all(norm < -1e4)
     assert np.all(np.isfinite(log_resp))
     np.testing.assert_allclose(np.exp(log_resp).sum(axis=1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_covariance_table_gives_sklearns_shapes_and_parameter_count(covariance_type):
+    sk = fit_sklearn(
+        X_DATA[:500], n_components=N_COMPONENTS, covariance_type=covariance_type, max_iter=1
+    )
+    shape = covariance_shape(covariance_type, N_COMPONENTS, N_FEATURES)
+    assert sk.covariances_.shape == sk.precisions_cholesky_.shape == shape
+    assert n_parameters(N_COMPONENTS, N_FEATURES, covariance_type) == sk._n_parameters()
+    kind = covariance_kind(covariance_type)
+    assert kind.matrix == (sk.covariances_.shape[-2:] == (N_FEATURES, N_FEATURES))
+    assert kind.shared == (sk.covariances_.shape[0] != N_COMPONENTS)
+    stats = kernels.em_chunk(X_DATA[:500], None, 0, 0, make_params(covariance_type))
+    assert stats.s2.shape == second_moment_shape(covariance_type, N_COMPONENTS, N_FEATURES)
+
+
+def test_an_unknown_covariance_type_is_named_with_the_valid_ones():
+    with pytest.raises(ValueError, match="'ful'.*full, tied, diag, spherical"):
+        covariance_kind("ful")
 
 
 @pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
