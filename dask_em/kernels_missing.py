@@ -104,20 +104,17 @@ class _Block:
     delta : ndarray of shape (b, K, D)
         ``xhat_ik - mu_k``: the observed offsets and the conditional means of the missing
         coordinates, about each component's mean.
-    pattern : ndarray of shape (b,), int, or None
-        Each row's index into ``cond_cov`` (``full``/``tied``).
-    cond_cov : ndarray of shape (P, K or 1, D, D), or None
-        Conditional covariance ``C`` of each pattern of the block (zero outside the
-        missing block; one shared by every component for ``tied``).
+    cond_cov : ndarray of shape (K or 1, D, D), or None
+        ``full``/``tied``, whose blocks hold rows of one pattern: its conditional
+        covariance ``C`` (zero outside the missing block; one shared by every component
+        for ``tied``). None when not asked for.
     missing : ndarray of shape (b, D), float64, or None
-        1 where a value is missing (``diag``/``spherical``, whose ``C`` is ``diag(S_k)``
-        on the missing coordinates).
+        ``diag``/``spherical``: 1 where a value is missing (``C = diag(S_k)`` there).
     """
 
     rows: np.ndarray
     log_prob: np.ndarray
     delta: np.ndarray
-    pattern: np.ndarray | None = None
     cond_cov: np.ndarray | None = None
     missing: np.ndarray | None = None
 
@@ -130,15 +127,13 @@ class _Block:
             Responsibilities already multiplied by the sample weights.
         params : GMMParams
         """
-        cov_type = params.covariance_type
-        if self.cond_cov is None:  # diag / spherical
-            variances = _variances(params)
-            return (resp.T @ self.missing) * variances
-        mass = np.zeros((self.cond_cov.shape[0], resp.shape[1]))
-        np.add.at(mass, self.pattern, resp)  # (P, K): responsibility of each pattern
-        if cov_type == "full":
-            return np.einsum("pk,pkde->kde", mass, self.cond_cov)
-        return np.einsum("p,pde->de", mass.sum(axis=1), self.cond_cov[:, 0])
+        if self.missing is not None:  # diag / spherical
+            return (resp.T @ self.missing) * _variances(params)
+        assert self.cond_cov is not None
+        mass = resp.sum(axis=0)
+        if params.covariance_type == "full":
+            return mass[:, None, None] * self.cond_cov
+        return mass.sum() * self.cond_cov[0]
 
 
 def _variances(params: GMMParams) -> np.ndarray:
@@ -174,8 +169,8 @@ def _independent_blocks(X: np.ndarray, params: GMMParams) -> Iterator[_Block]:
 
 
 def _pattern_factors(
-    observed: np.ndarray, covariances: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    observed: np.ndarray, covariances: np.ndarray, conditional_covariance: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Marginal and conditional factors of each missingness pattern and covariance.
 
     Each pattern's covariance ``S`` is replaced by ``S~``: ``S_oo`` on the observed
@@ -189,80 +184,113 @@ def _pattern_factors(
         The patterns: True where a value is observed.
     covariances : ndarray of shape (K', D, D)
         ``K' = K`` (``full``) or 1 (``tied``).
+    conditional_covariance : bool
+        Whether to compute ``cond_cov`` (the E-step needs it, inference does not).
 
     Returns
     -------
-    whiten : ndarray of shape (P, K', D, D)
-        ``L^-1``: ``||L^-1 (x - mu)||^2`` is the Mahalanobis distance of the observed
+    whiten_t : ndarray of shape (P, K', D, D)
+        ``L^-T``: ``||(x - mu)^T L^-T||^2`` is the Mahalanobis distance of the observed
         coordinates when the missing entries of ``x - mu`` are 0.
     log_det : ndarray of shape (P, K')
         ``log det S_oo``.
-    regress : ndarray of shape (P, K', D, D)
-        ``S_mo S_oo^-1`` in the (missing rows, observed columns) block, zero elsewhere.
-    cond_cov : ndarray of shape (P, K', D, D)
+    regress_t : ndarray of shape (P, K', D, D)
+        ``(S_mo S_oo^-1)^T`` in the (observed rows, missing columns) block, zero elsewhere:
+        ``(x - mu)^T regress_t`` is the conditional mean of the missing coordinates about
+        ``mu``.
+    cond_cov : ndarray of shape (P, K', D, D) or None
         ``S_mm - S_mo S_oo^-1 S_om`` in the missing block, zero elsewhere.
     """
     n_features = observed.shape[1]
     diag = np.arange(n_features)
-    both = (observed[:, :, None] & observed[:, None, :])[:, None]  # (P, 1, D, D)
     missing = ~observed
-    reduced = np.where(both, covariances[None], 0.0)
+    both = (observed[:, :, None] & observed[:, None, :])[:, None]  # (P, 1, D, D)
+    reduced = covariances[None] * both
     reduced[..., diag, diag] += missing[:, None, :]
     chol = np.linalg.cholesky(reduced)
-    whiten = np.linalg.inv(chol)
+    whiten_t = np.swapaxes(np.linalg.inv(chol), -1, -2)
     log_det = 2.0 * np.log(np.diagonal(chol, axis1=-2, axis2=-1)).sum(axis=-1)
-    inv_oo = np.where(both, np.swapaxes(whiten, -1, -2) @ whiten, 0.0)  # S_oo^-1, zero elsewhere
-    across = (missing[:, :, None] & observed[:, None, :])[:, None]
-    regress = np.where(across, covariances[None] @ inv_oo, 0.0)
-    within = (missing[:, :, None] & missing[:, None, :])[:, None]
-    cond_cov = np.where(within, covariances[None] - regress @ covariances[None], 0.0)
-    cond_cov = 0.5 * (cond_cov + np.swapaxes(cond_cov, -1, -2))
-    return whiten, log_det, regress, cond_cov
+    inv_oo = (whiten_t @ np.swapaxes(whiten_t, -1, -2)) * both  # S_oo^-1, zero elsewhere
+    across = (observed[:, :, None] & missing[:, None, :])[:, None]  # (o rows, m columns)
+    regress_t = (inv_oo @ covariances[None]) * across
+    cond_cov = None
+    if conditional_covariance:
+        within = (missing[:, :, None] & missing[:, None, :])[:, None]
+        cond_cov = (covariances[None] - np.swapaxes(regress_t, -1, -2) @ covariances[None]) * within
+        cond_cov = 0.5 * (cond_cov + np.swapaxes(cond_cov, -1, -2))
+    return whiten_t, log_det, regress_t, cond_cov
 
 
-def _conditional_blocks(X: np.ndarray, params: GMMParams) -> Iterator[_Block]:
-    """`_Block` s of ``full``/``tied`` parameters: rows grouped by missingness pattern.
+def _patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of ``observed`` (n, D) bool, shape (P, D), and each row's index
+    among them, shape (n,).
 
-    Patterns are factorized in batches (`_pattern_factors`) and the rows of a batch, in
-    pattern order, are processed in blocks whose gathered factors stay within
-    `BLOCK_ELEMENTS`.
+    Rows are packed into bits first: up to 64 features a pattern is one integer, which
+    NumPy groups far faster than rows of booleans.
+    """
+    packed = np.packbits(observed, axis=1)
+    if packed.shape[1] <= 8:
+        keys = np.zeros((packed.shape[0], 8), np.uint8)
+        keys[:, : packed.shape[1]] = packed
+        _, first, inverse = np.unique(
+            keys.view(np.uint64)[:, 0], return_index=True, return_inverse=True
+        )
+    else:
+        _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
+    return observed[first], inverse.reshape(-1)
+
+
+def _conditional_blocks(
+    X: np.ndarray, params: GMMParams, conditional_covariance: bool
+) -> Iterator[_Block]:
+    """`_Block` s of ``full``/``tied`` parameters: the rows of one missingness pattern each.
+
+    Patterns are factorized in batches (`_pattern_factors`) of at most `BLOCK_ELEMENTS`
+    values per array; each pattern's rows are then whitened and completed by matrix
+    products, in blocks of at most `BLOCK_ELEMENTS` values of ``delta``.
     """
     with np.errstate(divide="ignore"):
         log_weights = np.log(params.weights)
-    n_features = params.n_features
+    n_components, n_features = params.means.shape
     covariances = params.covariances
     if params.covariance_type == "tied":
         covariances = covariances[None]
-    per_matrix = covariances.shape[0] * n_features * n_features
-    step = max(1, BLOCK_ELEMENTS // per_matrix)
-    observed = ~np.isnan(X)
-    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    patterns_per_batch = max(1, BLOCK_ELEMENTS // (covariances.shape[0] * n_features**2))
+    rows_per_block = max(1, BLOCK_ELEMENTS // (n_components * n_features))
+    patterns, inverse = _patterns(~np.isnan(X))
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(patterns.shape[0] + 1))
-    for first in range(0, patterns.shape[0], step):
-        last = min(first + step, patterns.shape[0])
-        whiten, log_det, regress, cond_cov = _pattern_factors(patterns[first:last], covariances)
-        n_observed = patterns[first:last].sum(axis=1)[:, None]
-        const = log_weights - 0.5 * (n_observed * _LOG_2PI + log_det)  # (p, K)
-        batch = order[bounds[first] : bounds[last]]
-        for start in range(0, batch.size, step):
-            rows = batch[start : start + step]
-            local = inverse[rows] - first
-            x = X[rows].astype(np.float64)
-            seen = observed[rows]
-            offset = np.where(seen[:, None, :], x[:, None, :] - params.means[None], 0.0)
-            z = np.matmul(whiten[local], offset[..., None])[..., 0]  # (b, K, D)
-            delta = offset + np.matmul(regress[local], offset[..., None])[..., 0]
-            log_prob = const[local] - 0.5 * np.einsum("bkd,bkd->bk", z, z)
-            yield _Block(rows, log_prob, delta, pattern=local, cond_cov=cond_cov)
+    for first in range(0, patterns.shape[0], patterns_per_batch):
+        batch = patterns[first : first + patterns_per_batch]
+        whiten_t, log_det, regress_t, cond_cov = _pattern_factors(
+            batch, covariances, conditional_covariance
+        )
+        const = log_weights - 0.5 * (batch.sum(axis=1)[:, None] * _LOG_2PI + log_det)  # (p, K)
+        for j, seen in enumerate(batch):
+            members = order[bounds[first + j] : bounds[first + j + 1]]
+            for start in range(0, members.size, rows_per_block):
+                rows = members[start : start + rows_per_block]
+                x = X[rows].astype(np.float64)
+                offset = np.where(seen, x[None] - params.means[:, None], 0.0)  # (K, b, D)
+                z = offset @ whiten_t[j]
+                delta = offset + offset @ regress_t[j]
+                log_prob = const[j][:, None] - 0.5 * np.einsum("kbd,kbd->kb", z, z)
+                yield _Block(
+                    rows,
+                    log_prob.T,
+                    delta.transpose(1, 0, 2),
+                    cond_cov=None if cond_cov is None else cond_cov[j],
+                )
 
 
-def _missing_blocks(X: np.ndarray, params: GMMParams) -> Iterator[_Block]:
-    """The `_Block` s of rows ``X`` (every row with at least one NaN) under ``params``."""
+def _missing_blocks(
+    X: np.ndarray, params: GMMParams, conditional_covariance: bool = False
+) -> Iterator[_Block]:
+    """The `_Block` s of rows ``X`` (every row with at least one NaN) under ``params``;
+    with ``conditional_covariance``, blocks can give `_Block.conditional_scatter`."""
     if params.covariance_type in ("diag", "spherical"):
         return _independent_blocks(X, params)
-    return _conditional_blocks(X, params)
+    return _conditional_blocks(X, params, conditional_covariance)
 
 
 def _normalize(log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +379,7 @@ def _missing_stats(
     s2 = np.zeros(second_moment_shape(cov_type, n_components, n_features))
     loglik = 0.0
     worst: tuple[float, int] = (np.inf, -1)
-    for block in _missing_blocks(X, params):
+    for block in _missing_blocks(X, params, conditional_covariance=True):
         norm, resp = _normalize(block.log_prob)
         if not np.all(np.isfinite(norm)):
             raise FloatingPointError(

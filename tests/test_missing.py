@@ -126,10 +126,12 @@ def oracle_m_step(X: np.ndarray, params: GMMParams, reg_covar: float) -> GMMPara
 
 
 # ------------------------------------------------------------------------- data
-def make_params(covariance_type: str, seed: int = 0, offset: float = 0.0) -> GMMParams:
+def make_params(
+    covariance_type: str, seed: int = 0, offset: float = 0.0, n_features: int = N_FEATURES
+) -> GMMParams:
     """Arbitrary valid, correlated mixture parameters of a covariance type."""
     rng = np.random.default_rng(seed)
-    k, d = N_COMPONENTS, N_FEATURES
+    k, d = N_COMPONENTS, n_features
     a = rng.normal(size=(k, d, d))
     full = a @ np.swapaxes(a, 1, 2) / d + 0.5 * np.eye(d)
     covariances = {
@@ -221,6 +223,16 @@ def test_statistics_equal_the_row_by_row_oracle(covariance_type, weighted, parit
 def test_statistics_of_data_far_from_the_origin_equal_the_oracle(covariance_type):
     params = make_params(covariance_type, seed=5, offset=1e6)
     X = patterned_rows(params, seed=6)
+    got = kernels_missing.em_chunk_missing(X, None, 0, 0, params)
+    assert_stats_close(got, oracle_stats(X, None, params), 1e-10)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "tied"])
+def test_statistics_with_more_than_64_features_equal_the_oracle(covariance_type):
+    """Patterns of more than 64 features are grouped as byte strings, not integers."""
+    params = make_params(covariance_type, seed=25, n_features=70)
+    X = punch_holes(sample_rows(params, 60, 26), 0.2, 27)
+    X[30:40, 5:] = np.nan  # a shared pattern among the distinct ones
     got = kernels_missing.em_chunk_missing(X, None, 0, 0, params)
     assert_stats_close(got, oracle_stats(X, None, params), 1e-10)
 
