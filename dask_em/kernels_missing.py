@@ -48,7 +48,7 @@ row_start, *args)``. Nothing here imports Dask.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -104,10 +104,13 @@ class _Block:
     delta : ndarray of shape (b, K, D)
         ``xhat_ik - mu_k``: the observed offsets and the conditional means of the missing
         coordinates, about each component's mean.
-    cond_cov : ndarray of shape (K or 1, D, D), or None
-        ``full``/``tied``, whose blocks hold rows of one pattern: its conditional
-        covariance ``C`` (zero outside the missing block; one shared by every component
-        for ``tied``). None when not asked for.
+    starts : ndarray of shape (P,), int, or None
+        ``full``/``tied``, whose blocks hold the rows of ``P`` patterns one after the
+        other: where each pattern's rows begin.
+    conditionals : list of (ndarray of shape (m,), ndarray of shape (K or 1, m, m))
+        ``full``/``tied``: each pattern's missing coordinates and their conditional
+        covariance ``C_mm`` (one shared by every component for ``tied``); empty when not
+        asked for.
     missing : ndarray of shape (b, D), float64, or None
         ``diag``/``spherical``: 1 where a value is missing (``C = diag(S_k)`` there).
     """
@@ -115,7 +118,8 @@ class _Block:
     rows: np.ndarray
     log_prob: np.ndarray
     delta: np.ndarray
-    cond_cov: np.ndarray | None = None
+    starts: np.ndarray | None = None
+    conditionals: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     missing: np.ndarray | None = None
 
     def conditional_scatter(self, resp: np.ndarray, params: GMMParams) -> np.ndarray:
@@ -129,11 +133,18 @@ class _Block:
         """
         if self.missing is not None:  # diag / spherical
             return (resp.T @ self.missing) * _variances(params)
-        assert self.cond_cov is not None
-        mass = resp.sum(axis=0)
+        assert self.starts is not None and len(self.conditionals) == self.starts.size
+        mass = np.add.reduceat(resp, self.starts, axis=0)  # (P, K): each pattern's share
+        n_components, n_features = params.means.shape
         if params.covariance_type == "full":
-            return mass[:, None, None] * self.cond_cov
-        return mass.sum() * self.cond_cov[0]
+            out = np.zeros((n_components, n_features, n_features))
+            for share, (mis, cond) in zip(mass, self.conditionals, strict=True):
+                out[:, mis[:, None], mis] += share[:, None, None] * cond
+        else:
+            out = np.zeros((n_features, n_features))
+            for share, (mis, cond) in zip(mass.sum(axis=1), self.conditionals, strict=True):
+                out[mis[:, None], mis] += share * cond[0]
+        return out
 
 
 def _variances(params: GMMParams) -> np.ndarray:
@@ -168,59 +179,6 @@ def _independent_blocks(X: np.ndarray, params: GMMParams) -> Iterator[_Block]:
         )
 
 
-def _pattern_factors(
-    observed: np.ndarray, covariances: np.ndarray, conditional_covariance: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Marginal and conditional factors of each missingness pattern and covariance.
-
-    Each pattern's covariance ``S`` is replaced by ``S~``: ``S_oo`` on the observed
-    block, the identity on the missing one and zero across, so that one batched Cholesky
-    factorization ``S~ = L L^T`` serves every pattern: ``log det S~ = log det S_oo`` and
-    ``L^-1`` is ``L_oo^-1`` on the observed block and the identity elsewhere.
-
-    Parameters
-    ----------
-    observed : ndarray of shape (P, D), bool
-        The patterns: True where a value is observed.
-    covariances : ndarray of shape (K', D, D)
-        ``K' = K`` (``full``) or 1 (``tied``).
-    conditional_covariance : bool
-        Whether to compute ``cond_cov`` (the E-step needs it, inference does not).
-
-    Returns
-    -------
-    whiten_t : ndarray of shape (P, K', D, D)
-        ``L^-T``: ``||(x - mu)^T L^-T||^2`` is the Mahalanobis distance of the observed
-        coordinates when the missing entries of ``x - mu`` are 0.
-    log_det : ndarray of shape (P, K')
-        ``log det S_oo``.
-    regress_t : ndarray of shape (P, K', D, D)
-        ``(S_mo S_oo^-1)^T`` in the (observed rows, missing columns) block, zero elsewhere:
-        ``(x - mu)^T regress_t`` is the conditional mean of the missing coordinates about
-        ``mu``.
-    cond_cov : ndarray of shape (P, K', D, D) or None
-        ``S_mm - S_mo S_oo^-1 S_om`` in the missing block, zero elsewhere.
-    """
-    n_features = observed.shape[1]
-    diag = np.arange(n_features)
-    missing = ~observed
-    both = (observed[:, :, None] & observed[:, None, :])[:, None]  # (P, 1, D, D)
-    reduced = covariances[None] * both
-    reduced[..., diag, diag] += missing[:, None, :]
-    chol = np.linalg.cholesky(reduced)
-    whiten_t = np.swapaxes(np.linalg.inv(chol), -1, -2)
-    log_det = 2.0 * np.log(np.diagonal(chol, axis1=-2, axis2=-1)).sum(axis=-1)
-    inv_oo = (whiten_t @ np.swapaxes(whiten_t, -1, -2)) * both  # S_oo^-1, zero elsewhere
-    across = (observed[:, :, None] & missing[:, None, :])[:, None]  # (o rows, m columns)
-    regress_t = (inv_oo @ covariances[None]) * across
-    cond_cov = None
-    if conditional_covariance:
-        within = (missing[:, :, None] & missing[:, None, :])[:, None]
-        cond_cov = (covariances[None] - np.swapaxes(regress_t, -1, -2) @ covariances[None]) * within
-        cond_cov = 0.5 * (cond_cov + np.swapaxes(cond_cov, -1, -2))
-    return whiten_t, log_det, regress_t, cond_cov
-
-
 def _patterns(observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows of ``observed`` (n, D) bool, shape (P, D), and each row's index
     among them, shape (n,).
@@ -245,42 +203,79 @@ def _conditional_blocks(
 ) -> Iterator[_Block]:
     """`_Block` s of ``full``/``tied`` parameters: the rows of one missingness pattern each.
 
-    Patterns are factorized in batches (`_pattern_factors`) of at most `BLOCK_ELEMENTS`
-    values per array; each pattern's rows are then whitened and completed by matrix
-    products, in blocks of at most `BLOCK_ELEMENTS` values of ``delta``.
+    Works from the precisions ``P = S^-1 = U U^T`` and factorizes, per pattern and
+    component (once per pattern for ``tied``), only the missing block ``P_mm``:
+
+    - the conditional of the missing coordinates is ``C = P_mm^-1`` and
+      ``xhat_m - mu_m = -P_mm^-1 P_mo (x_o - mu_o)``;
+    - ``log det S_oo = log det P_mm - log det P``;
+    - the Mahalanobis distance of the observed coordinates is that of the completed row,
+      ``||(xhat - mu)^T U||^2`` (marginalizing a Gaussian minimizes its quadratic form
+      over the missing coordinates, at ``xhat``): a sum of squares, free of cancellation.
+
+    A row with few missing values thus costs a small factorization, not one of ``S_oo``.
+    Each pattern's rows are whitened and completed by matrix products; consecutive
+    patterns are joined into blocks of at most `BLOCK_ELEMENTS` values of ``delta`` (or
+    as many patterns as ``D x D`` matrices of every component would take), so that data with a distinct pattern on every row does not pay
+    the per-block work row by row.
     """
     with np.errstate(divide="ignore"):
         log_weights = np.log(params.weights)
     n_components, n_features = params.means.shape
-    covariances = params.covariances
+    prec_chol = params.precisions_cholesky
+    precisions = params.precisions
     if params.covariance_type == "tied":
-        covariances = covariances[None]
-    patterns_per_batch = max(1, BLOCK_ELEMENTS // (covariances.shape[0] * n_features**2))
+        prec_chol, precisions = prec_chol[None], precisions[None]
+    log_det_prec = 2.0 * np.log(np.diagonal(prec_chol, axis1=-2, axis2=-1)).sum(axis=-1)
     rows_per_block = max(1, BLOCK_ELEMENTS // (n_components * n_features))
+    patterns_per_block = max(1, BLOCK_ELEMENTS // (prec_chol.shape[0] * n_features**2))
     patterns, inverse = _patterns(~np.isnan(X))
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(patterns.shape[0] + 1))
-    for first in range(0, patterns.shape[0], patterns_per_batch):
-        batch = patterns[first : first + patterns_per_batch]
-        whiten_t, log_det, regress_t, cond_cov = _pattern_factors(
-            batch, covariances, conditional_covariance
-        )
-        const = log_weights - 0.5 * (batch.sum(axis=1)[:, None] * _LOG_2PI + log_det)  # (p, K)
-        for j, seen in enumerate(batch):
-            members = order[bounds[first + j] : bounds[first + j + 1]]
-            for start in range(0, members.size, rows_per_block):
-                rows = members[start : start + rows_per_block]
-                x = X[rows].astype(np.float64)
-                offset = np.where(seen, x[None] - params.means[:, None], 0.0)  # (K, b, D)
-                z = offset @ whiten_t[j]
-                delta = offset + offset @ regress_t[j]
-                log_prob = const[j][:, None] - 0.5 * np.einsum("kbd,kbd->kb", z, z)
-                yield _Block(
-                    rows,
-                    log_prob.T,
-                    delta.transpose(1, 0, 2),
-                    cond_cov=None if cond_cov is None else cond_cov[j],
-                )
+    pieces: list[_Block] = []
+    for j, seen in enumerate(patterns):
+        obs, mis = np.flatnonzero(seen), np.flatnonzero(~seen)
+        chol = np.linalg.cholesky(precisions[:, mis[:, None], mis])  # (K', m, m)
+        chol_inv = np.linalg.inv(chol)
+        cond_mm = np.swapaxes(chol_inv, -1, -2) @ chol_inv  # P_mm^-1
+        gain_t = -np.swapaxes(cond_mm @ precisions[:, mis[:, None], obs], -1, -2)  # (K', o, m)
+        log_det = 2.0 * np.log(np.diagonal(chol, axis1=-2, axis2=-1)).sum(axis=-1) - log_det_prec
+        const = log_weights - 0.5 * (obs.size * _LOG_2PI + log_det)  # (K,)
+        conditionals = []
+        if conditional_covariance:
+            conditionals = [(mis, 0.5 * (cond_mm + np.swapaxes(cond_mm, -1, -2)))]
+        members = order[bounds[j] : bounds[j + 1]]
+        for start in range(0, members.size, rows_per_block):
+            rows = members[start : start + rows_per_block]
+            x = X[rows[:, None], obs].astype(np.float64)
+            delta = np.empty((n_components, rows.size, n_features))
+            delta[:, :, obs] = x[None] - params.means[:, None, obs]  # (K, b, o)
+            delta[:, :, mis] = delta[:, :, obs] @ gain_t
+            z = delta @ prec_chol
+            log_prob = const[:, None] - 0.5 * np.einsum("kbd,kbd->kb", z, z)
+            pieces.append(
+                _Block(rows, log_prob.T, delta.transpose(1, 0, 2), conditionals=conditionals)
+            )
+            if (
+                sum(piece.rows.size for piece in pieces) >= rows_per_block
+                or len(pieces) >= patterns_per_block
+            ):
+                yield _joined(pieces)
+                pieces = []
+    if pieces:
+        yield _joined(pieces)
+
+
+def _joined(pieces: list[_Block]) -> _Block:
+    """One `_Block` of the rows of several single-pattern blocks, one after the other."""
+    sizes = [piece.rows.size for piece in pieces]
+    return _Block(
+        np.concatenate([piece.rows for piece in pieces]),
+        np.concatenate([piece.log_prob for piece in pieces]),
+        np.concatenate([piece.delta for piece in pieces]),
+        starts=np.cumsum([0, *sizes[:-1]]),
+        conditionals=[c for piece in pieces for c in piece.conditionals],
+    )
 
 
 def _missing_blocks(
