@@ -20,8 +20,10 @@ observed coordinates ``o`` and missing ones ``m`` contributes through:
   `dask_em.kernels.em_chunk` uses, so `dask_em.stats.m_step` applies unchanged and its
   result is the exact EM update of the observed-data likelihood.
 
-For ``full`` covariances the marginal and conditional need one factorization per
-missingness pattern and component; ``tied`` shares one per pattern; for ``diag`` and
+Rows are grouped by missingness pattern inside the chunk. For ``full`` covariances the
+marginal and conditional need one factorization per pattern and component, of the
+missing block of the precision matrix (`_conditional_blocks`), so a row with few
+missing values costs a small one; ``tied`` shares one per pattern; for ``diag`` and
 ``spherical`` the coordinates are independent given the component, so the marginal
 drops the missing terms and ``xhat_ik,m = mu_k,m``, ``C_ik = diag(S_k,mm)``, with no
 factorization at all.
@@ -60,9 +62,10 @@ from dask_em.stats import SuffStats, WorstFit, second_moment_shape
 _LOG_2PI = np.log(2.0 * np.pi)
 
 BLOCK_ELEMENTS = 2**20
-"""Largest number of values of a per-block array of matrices (patterns or rows times
-components times D x D): 8 MB in float64, so that the per-pattern factors of a chunk
-with many distinct patterns, and the rows' gathered factors, stay bounded."""
+"""Size of a block of rows with NaN, in values of its ``delta`` (rows x K x D) or, for
+``full``/``tied``, of the ``D x D`` matrices of every component for the patterns it
+joins: 8 MB in float64, so temporaries stay bounded whatever the chunk's length and
+number of distinct missingness patterns."""
 
 
 def _check_infinite(X: np.ndarray, row_start: int) -> None:
