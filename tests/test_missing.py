@@ -11,6 +11,8 @@ Jordan 1994). Checked:
   too;
 - statistics of two halves add up to those of the whole; a chunk without NaN gives
   exactly (bit for bit) `dask_em.kernels.em_chunk`'s statistics;
+- one pass of the graph layer (`dask_em.reduce.RowData`) over a Zarr store with NaN
+  gives the whole array's statistics;
 - a NumPy EM loop over chunks never decreases the observed-data log-likelihood;
 - with 10% and 40% of values missing completely at random, the fitted parameters stay
   close to the complete-data fit, and conditional-mean imputation beats column means and
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import dask.array as da
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -29,6 +32,7 @@ from sklearn.impute import KNNImputer
 from dask_em import kernels, kernels_missing
 from dask_em.errors import DataError
 from dask_em.params import COVARIANCE_TYPES, GMMParams
+from dask_em.reduce import RowData
 from dask_em.stats import SuffStats, m_step
 
 N_COMPONENTS = 3
@@ -514,3 +518,23 @@ def test_conditional_mean_imputation_beats_column_means_and_nearest_neighbours(
     parity_log.record(f"missing {fraction:.0%}: imputation RMSE", "full", **table)
     assert table["mixture_em"] < table["column_mean"], table
     assert table["mixture_em"] < table["knn_5"], table
+
+
+# ----------------------------------------------------------- through the graph
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_one_pass_over_a_zarr_store_with_nan_equals_the_whole_array_statistics(
+    covariance_type, write_zarr
+):
+    """`em_chunk_missing` is a chunk function like `kernels.em_chunk`: mapped by the graph
+    layer over a real Zarr store with NaN (uneven chunks, tree reduction), it gives the
+    statistics of the whole array in memory."""
+    params = make_params(covariance_type, seed=28)
+    X = punch_holes(sample_rows(params, 1000, 29), 0.25, 30)
+    store = write_zarr(X, 130)
+    w = np.random.default_rng(31).uniform(0.5, 1.5, X.shape[0])
+    data = RowData(store.dask(), da.from_array(w, chunks=130), split_every=3)
+    got = data.map_reduce(kernels_missing.em_chunk_missing, params)
+    whole = kernels_missing.em_chunk_missing(X, w, 0, 0, params)
+    assert_stats_close(got, whole, 1e-13)
+    assert got.worst is not None and whole.worst is not None
+    assert got.worst.index == whole.worst.index
