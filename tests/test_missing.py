@@ -30,6 +30,7 @@ from scipy import stats as sps
 from sklearn.impute import KNNImputer
 
 from dask_em import kernels, kernels_missing
+from dask_em.em import EMResult, run_em
 from dask_em.errors import DataError
 from dask_em.params import COVARIANCE_TYPES, GMMParams
 from dask_em.reduce import RowData
@@ -538,3 +539,25 @@ def test_one_pass_over_a_zarr_store_with_nan_equals_the_whole_array_statistics(
     assert_stats_close(got, whole, 1e-13)
     assert got.worst is not None and whole.worst is not None
     assert got.worst.index == whole.worst.index
+
+
+def test_em_driver_served_by_passes_over_a_zarr_store_equals_the_numpy_em_loop(write_zarr):
+    """`dask_em.em.run_em` unchanged, its E-steps answered by `em_chunk_missing` passes
+    over a real Zarr store, follows the NumPy EM loop over the same chunks."""
+    truth = truth_params("full", 32)
+    X = punch_holes(sample_rows(truth, 1000, 33), 0.3, 34)
+    store = write_zarr(X, 130)
+    start = start_params(X, "full", 35)
+    data = RowData(store.dask(), split_every=4)
+    result = run_em(
+        lambda p: data.map_reduce(kernels_missing.em_chunk_missing, p),
+        EMResult(start),
+        tol=0.0,
+        max_iter=15,
+        reg_covar=1e-6,
+    )
+    expected, bounds = em_fit(np.array_split(X, range(130, 1000, 130)), start, 15)
+    assert data.n_passes == result.n_iter == 15
+    np.testing.assert_allclose(result.lower_bounds, bounds, rtol=1e-12)
+    errors = param_errors(result.params, expected)
+    assert max(errors.values()) <= 1e-10, errors
