@@ -232,6 +232,19 @@ def test_statistics_of_data_far_from_the_origin_equal_the_oracle(covariance_type
     assert_stats_close(got, oracle_stats(X, None, params), 1e-10)
 
 
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_rows_with_nan_give_float64_statistics_close_to_the_oracle(covariance_type):
+    params = make_params(covariance_type, seed=36)
+    X32 = patterned_rows(params, seed=37).astype(np.float32)
+    got = kernels_missing.em_chunk_missing(X32, None, 0, 0, params)
+    for name in ("n", "s1", "s2"):
+        assert getattr(got, name).dtype == np.float64
+    # complete rows run em_chunk's float32 products (unit roundoff 6e-8); rows with NaN
+    # run in float64 from the float32 values
+    assert_stats_close(got, oracle_stats(X32.astype(np.float64), None, params), 1e-5)
+    assert kernels_missing.impute_block(X32, params).dtype == np.float32
+
+
 @pytest.mark.parametrize("covariance_type", ["full", "tied"])
 def test_statistics_with_more_than_64_features_equal_the_oracle(covariance_type):
     """Patterns of more than 64 features are grouped as byte strings, not integers."""
