@@ -56,10 +56,8 @@ import numpy as np
 
 from dask_em import kernels
 from dask_em.errors import DataError
-from dask_em.params import GMMParams
-from dask_em.stats import SuffStats, WorstFit, second_moment_shape
-
-_LOG_2PI = np.log(2.0 * np.pi)
+from dask_em.params import LOG_2PI, GMMParams, second_moment_shape
+from dask_em.stats import SuffStats, WorstFit
 
 BLOCK_ELEMENTS = 2**20
 """Size of a block of rows with NaN, in values of its ``delta`` (rows x K x D) or, for
@@ -126,7 +124,7 @@ class _Block:
     missing: np.ndarray | None = None
 
     def conditional_scatter(self, resp: np.ndarray, params: GMMParams) -> np.ndarray:
-        """``sum_i r_ik C_ik`` in the layout of ``s2`` (`dask_em.stats.second_moment_shape`).
+        """``sum_i r_ik C_ik`` in the layout of ``s2`` (`dask_em.params.second_moment_shape`).
 
         Parameters
         ----------
@@ -173,7 +171,7 @@ def _independent_blocks(X: np.ndarray, params: GMMParams) -> Iterator[_Block]:
         quad = np.einsum("bkd,kd->bk", delta * delta, 1.0 / variances)
         log_det = observed @ log_var.T  # log det S_k,oo, (b, K)
         n_observed = observed.sum(axis=1)[:, None]
-        log_prob = log_weights - 0.5 * (n_observed * _LOG_2PI + log_det + quad)
+        log_prob = log_weights - 0.5 * (n_observed * LOG_2PI + log_det + quad)
         yield _Block(
             np.arange(start, start + x.shape[0]),
             log_prob,
@@ -243,7 +241,7 @@ def _conditional_blocks(
         cond_mm = np.swapaxes(chol_inv, -1, -2) @ chol_inv  # P_mm^-1
         gain_t = -np.swapaxes(cond_mm @ precisions[:, mis[:, None], obs], -1, -2)  # (K', o, m)
         log_det = 2.0 * np.log(np.diagonal(chol, axis1=-2, axis2=-1)).sum(axis=-1) - log_det_prec
-        const = log_weights - 0.5 * (obs.size * _LOG_2PI + log_det)  # (K,)
+        const = log_weights - 0.5 * (obs.size * LOG_2PI + log_det)  # (K,)
         conditionals = []
         if conditional_covariance:
             conditionals = [(mis, 0.5 * (cond_mm + np.swapaxes(cond_mm, -1, -2)))]
