@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from dask_em.errors import IllDefinedCovarianceError, ParameterError, invalid_parameter
+
 COVARIANCE_TYPES: tuple[str, ...] = ("full", "tied", "diag", "spherical")
 
 ILL_DEFINED_COVARIANCE = (
@@ -38,10 +40,10 @@ ILL_DEFINED_COVARIANCE = (
 
 
 def check_covariance_type(covariance_type: str) -> str:
-    """Return ``covariance_type`` if it is one of `COVARIANCE_TYPES`, else raise ValueError."""
+    """Return ``covariance_type`` if it is one of `COVARIANCE_TYPES`, else raise ParameterError."""
     if covariance_type not in COVARIANCE_TYPES:
-        raise ValueError(
-            f"Invalid covariance_type {covariance_type!r}: use one of {', '.join(COVARIANCE_TYPES)}."
+        raise invalid_parameter(
+            "covariance_type", covariance_type, f"use one of {', '.join(COVARIANCE_TYPES)}"
         )
     return covariance_type
 
@@ -65,13 +67,13 @@ def _cholesky_upper_precision(covariance: np.ndarray) -> np.ndarray:
     try:
         cov_chol = linalg.cholesky(covariance, lower=True)
     except linalg.LinAlgError:
-        raise ValueError(ILL_DEFINED_COVARIANCE) from None
+        raise IllDefinedCovarianceError(ILL_DEFINED_COVARIANCE) from None
     # LAPACK's triangular inverse, not solve_triangular(cov_chol, I): the latter goes
     # through multi-threaded BLAS trsm, whose thread wake-ups cost milliseconds per tiny
     # matrix while Dask's threads keep the cores busy (the M-step dominated the fit).
     cov_chol_inv, info = linalg.lapack.dtrtri(cov_chol, lower=1)
     if info != 0:
-        raise ValueError(ILL_DEFINED_COVARIANCE)
+        raise IllDefinedCovarianceError(ILL_DEFINED_COVARIANCE)
     return cov_chol_inv.T
 
 
@@ -91,7 +93,7 @@ def precisions_cholesky_from_covariances(
 
     Raises
     ------
-    ValueError
+    IllDefinedCovarianceError
         If a covariance is not positive definite (the message says what to change).
     """
     covariances = np.asarray(covariances, dtype=np.float64)
@@ -100,7 +102,7 @@ def precisions_cholesky_from_covariances(
     if covariance_type == "tied":
         return _cholesky_upper_precision(covariances)
     if np.any(~(covariances > 0.0)):
-        raise ValueError(ILL_DEFINED_COVARIANCE)
+        raise IllDefinedCovarianceError(ILL_DEFINED_COVARIANCE)
     return 1.0 / np.sqrt(covariances)
 
 
@@ -278,7 +280,7 @@ def check_init_arrays(
 
     Raises
     ------
-    ValueError
+    ParameterError
         On a wrong shape, weights outside [0, 1] or not summing to one, or
         precisions that are not symmetric positive definite.
     """
@@ -286,23 +288,23 @@ def check_init_arrays(
     if weights_init is not None:
         w = np.asarray(weights_init, dtype=np.float64)
         if w.shape != (n_components,):
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter 'weights' should have the shape of ({n_components},), "
                 f"but got {w.shape}."
             )
         if np.any(w < 0.0) or np.any(w > 1.0):
-            raise ValueError(
+            raise ParameterError(
                 "The parameter 'weights' should be in the range [0, 1], but got "
                 f"max value {w.max():.5f}, min value {w.min():.5f}."
             )
         if not np.allclose(np.abs(1.0 - np.sum(w)), 0.0, atol=1e-6):
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter 'weights' should be normalized, but got sum(weights) = {np.sum(w):.5f}."
             )
     if means_init is not None:
         m = np.asarray(means_init, dtype=np.float64)
         if m.shape != (n_components, n_features):
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter 'means' should have the shape of ({n_components}, {n_features}), "
                 f"but got {m.shape}."
             )
@@ -310,18 +312,18 @@ def check_init_arrays(
         p = np.asarray(precisions_init, dtype=np.float64)
         expected = covariance_shape(covariance_type, n_components, n_features)
         if p.shape != expected:
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter '{covariance_type} precision' should have the shape of "
                 f"{expected}, but got {p.shape}."
             )
         mats = {"full": p, "tied": p[None]}.get(covariance_type)
         if mats is None:
             if np.any(~(p > 0.0)):
-                raise ValueError(f"'{covariance_type} precision' should be positive.")
+                raise ParameterError(f"'{covariance_type} precision' should be positive.")
         else:
             for mat in mats:
                 if not np.allclose(mat, mat.T) or np.any(np.linalg.eigvalsh(mat) <= 0.0):
-                    raise ValueError(
+                    raise ParameterError(
                         f"'{covariance_type} precision' should be symmetric, positive-definite."
                     )
     return w, m, p

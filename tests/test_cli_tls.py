@@ -237,7 +237,7 @@ def test_tls_options_are_checked_before_connecting(tmp_path: Path) -> None:
     data = write_array(tmp_path / "data.zarr", mixture(100, 2, 2, seed=0))
     fit = ["fit", data, "--n-components", "2", "--output", tmp_path / "m.zarr"]
     cases = {
-        "no-scheduler": ([*fit, *tls], ("--scheduler tls://HOST:PORT",)),
+        "no-scheduler": ([*fit, *tls], ("--scheduler=tls://HOST:PORT",)),
         "no-scheduler-demo": (["demo", "--workdir", tmp_path / "demo", *tls], ("--scheduler",)),
         "missing-file": (
             [*fit, "--scheduler", "tls://127.0.0.1:1", "--tls-ca-file", tmp_path / "nope.pem",
