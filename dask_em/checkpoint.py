@@ -437,6 +437,31 @@ def discard(directory: str | os.PathLike[str]) -> None:
                 p.unlink()
 
 
+def check_available(directory: str | os.PathLike[str], restart: bool = False) -> None:
+    """Refuse now a checkpoint directory that a fit could not use at this moment.
+
+    Lets a caller fail before a long setup (the CLI: before starting a cluster); the fit
+    itself checks again when it takes the lock.
+
+    Parameters
+    ----------
+    directory : str or path
+    restart : bool, default False
+        Also refuse what `discard` would: a directory holding anything but a checkpoint.
+
+    Raises
+    ------
+    CheckpointLocked
+        If another fit holds the directory's lock.
+    CheckpointDamaged
+        (``restart``) Naming the first entry that is not part of a checkpoint.
+    """
+    if restart and Path(directory).exists():
+        _checkpoint_entries(Path(directory))
+    with checkpoint_lock(directory):
+        pass
+
+
 def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a checkpoint directory (it holds a manifest, a lock or a state)."""
     p = Path(path)

@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 
 from dask_em import __version__
-from dask_em.checkpoint import describe
+from dask_em.checkpoint import check_available, describe
 from dask_em.cluster import connect, tls_security
 from dask_em.datasets import STORE_CHUNK_ROWS, generate, true_labels
 from dask_em.errors import (
@@ -262,6 +262,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{args.n_components}; use fewer components or more data."
         )
     check_output(args.output)
+    if args.checkpoint_dir:
+        check_available(args.checkpoint_dir, restart=args.restart)
     gm = GaussianMixture(
         args.n_components,
         covariance_type=args.covariance_type,
