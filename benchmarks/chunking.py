@@ -4,7 +4,7 @@ A 2M x 8 float64 store in 2,000-row chunks (1,000 chunks of 125 KiB) is fitted f
 few EM iterations (``tol=0``, 5 full components, fixed start) on a local cluster of
 worker processes, streaming from Zarr every pass. Each configuration opens the store
 with `dask_em.io.open_array` and a ``chunk_rows``: ``store`` is one task per store chunk
-(what dask-em did before automatic sizing), ``auto`` is `dask_em.io.task_rows`'s choice,
+(what dask-em did before automatic sizing), ``auto`` is `dask_em.io.choose_chunk_rows`'s choice,
 and ``N MiB`` are other task sizes for comparison. Configurations run alternately for
 several rounds, so load from other processes on the machine spreads over all of them;
 the table gives the median over rounds of each round's median seconds per iteration,
@@ -29,7 +29,7 @@ import zarr
 from dask_em import kernels
 from dask_em.datasets import mixture_rows, true_params
 from dask_em.em import EMResult, run_em
-from dask_em.io import open_array, task_rows
+from dask_em.io import choose_chunk_rows, open_array
 from dask_em.params import GMMParams
 from dask_em.reduce import RowData
 
@@ -107,7 +107,7 @@ def main() -> None:
     )
     print(f"{'config':>8}  {'rows/task':>10}  {'tasks':>6}  {'s/iteration':>11}  {'vs auto':>7}")
     for name, chunk_rows in configs.items():
-        rows = task_rows(args.n, args.d, 8, args.store_rows, chunk_rows)
+        rows = choose_chunk_rows(args.n, args.d, 8, args.store_rows, chunk_rows)
         tasks = -(-args.n // rows)
         med = statistics.median(results[name])
         print(f"{name:>8}  {rows:>10,}  {tasks:>6,}  {med:>11.3f}  {med / auto:>6.2f}x")

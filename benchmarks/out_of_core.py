@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 
 from dask_em import kernels
-from dask_em.datasets import mixture_rows, true_params
+from dask_em.datasets import generate, true_params
 from dask_em.em import EMResult, run_em
-from dask_em.io import store_array
-from dask_em.reduce import RowData, from_blocks, row_chunks
+from dask_em.reduce import RowData
 
 
 def _rss() -> int:
@@ -49,12 +48,12 @@ def _spill_state(dask_worker: Any) -> dict[str, int]:
     }
 
 
-def generate(path: str, rows: int, features: int, components: int, chunk_rows: int) -> float:
-    """Write the dataset; return seconds."""
-    truth = true_params(components, features, 0)
-    X = from_blocks(mixture_rows, row_chunks(rows, chunk_rows), features, np.float64, truth, 0)
+def write_data(
+    path: str, rows: int, features: int, components: int, store_chunk_rows: int
+) -> float:
+    """Write the dataset (`dask_em.datasets.generate`, seed 0); return seconds."""
     began = time.perf_counter()
-    store_array(X, path, {"generator": "benchmarks/out_of_core.py"})
+    generate(path, rows, features, components, 0, store_chunk_rows)
     return time.perf_counter() - began
 
 
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--features", type=int, default=8)
     parser.add_argument("--components", type=int, default=5)
-    parser.add_argument("--chunk-rows", type=int, default=250_000)
+    parser.add_argument("--store-chunk-rows", type=int, default=250_000)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="512MiB", help="per worker")
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(float(s)) for s in args.sweep.split(",")] if args.sweep else [int(args.rows)]
     if args.small:
-        sizes, args.chunk_rows, args.iters = [200_000], 50_000, 2
+        sizes, args.store_chunk_rows, args.iters = [200_000], 50_000, 2
 
     from dask.utils import parse_bytes
     from distributed import Client
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             for rows in sizes:
                 path = os.path.join(workdir, f"rows-{rows}.zarr")
                 gen = (
-                    generate(path, rows, args.features, args.components, args.chunk_rows)
+                    write_data(path, rows, args.features, args.components, args.store_chunk_rows)
                     if not os.path.exists(path)
                     else 0.0
                 )

@@ -19,7 +19,7 @@ import dask
 from acceleration import timed_fit
 
 from dask_em import GaussianMixture
-from dask_em.cli import generate
+from dask_em.datasets import generate
 
 
 def main(argv: list[str] | None = None) -> int:

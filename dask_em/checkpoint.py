@@ -32,7 +32,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from dask_em.em import EMResult, FitState
-from dask_em.errors import DataError
+from dask_em.errors import CheckpointError
 from dask_em.params import PARAM_ARRAYS, GMMParams
 
 FORMAT = "dask-em-checkpoint"
@@ -50,11 +50,11 @@ KEEP_STATES = 3
 MANIFEST = "manifest.json"
 
 
-class CheckpointMismatch(DataError):
+class CheckpointMismatch(CheckpointError):
     """The checkpoint was made for other data or other hyper-parameters."""
 
 
-class CheckpointDamaged(DataError):
+class CheckpointDamaged(CheckpointError):
     """No committed state of the checkpoint is intact."""
 
 
@@ -132,9 +132,23 @@ class Checkpoint:
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         self._sequence: int | None = None
 
-    def lock(self) -> AbstractContextManager[None]:
-        """Hold this checkpoint's lock (see `checkpoint_lock`) in a ``with`` block."""
-        return checkpoint_lock(self.directory)
+    @contextmanager
+    def lock(self, restart: bool = False) -> Iterator[None]:
+        """Hold this checkpoint's lock (see `checkpoint_lock`) in a ``with`` block.
+
+        Parameters
+        ----------
+        restart : bool, default False
+            First `discard` the checkpoint, under the same holding of the lock (so no
+            other fit uses the directory between the discard and the fit). A directory
+            holding anything but a checkpoint is refused before the lock is written.
+        """
+        if restart and self.directory.exists():
+            _checkpoint_entries(self.directory)
+        with checkpoint_lock(self.directory):
+            if restart:
+                discard(self.directory)
+            yield
 
     # ------------------------------------------------------------------- save
     def save(self, state: FitState, n_passes: int) -> None:
@@ -264,7 +278,7 @@ class Checkpoint:
                 if leftovers:
                     raise CheckpointDamaged(
                         f"{self.directory} is not a dask-em checkpoint (it holds {leftovers[0]!r}); "
-                        "choose an empty or new --checkpoint-dir."
+                        "choose an empty or new {checkpoint_dir}."
                     )
             return None
         skipped: list[str] = []
@@ -286,7 +300,7 @@ class Checkpoint:
             )
         raise CheckpointDamaged(
             f"checkpoint {self.directory} is damaged and holds no intact state "
-            f"({'; '.join(skipped)}); rerun with --restart (Python: delete the directory) to start over."
+            f"({'; '.join(skipped)}); use {{restart}} to discard it and start over."
         )
 
     def _verified_meta(self, path: Path) -> dict[str, Any]:
@@ -302,7 +316,7 @@ class Checkpoint:
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointDamaged(
                 f"checkpoint {self.directory} has format version {meta.get('format_version')!r}; "
-                f"this dask-em reads version {FORMAT_VERSION}: rerun with --restart."
+                f"this dask-em reads version {FORMAT_VERSION}: use {{restart}} to discard it."
             )
         claimed = meta.pop("checksum", None)
         actual = content_hash(np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8))
@@ -352,7 +366,7 @@ class Checkpoint:
                 diffs.append(f"{key}: {shown(found, key)} in the checkpoint, {now} now")
         raise CheckpointMismatch(
             f"checkpoint {self.directory} was made for a different fit ({'; '.join(diffs)}); "
-            "use another --checkpoint-dir, or --restart to discard it."
+            "use another {checkpoint_dir}, or {restart} to discard it."
         )
 
     @staticmethod
@@ -402,7 +416,7 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def discard(directory: str | os.PathLike[str]) -> None:
-    """Delete a checkpoint directory's states and manifest (``--restart``).
+    """Delete a checkpoint directory's states and manifest (``fit(..., restart=True)``).
 
     Refuses (`CheckpointDamaged`) a non-empty directory that does not look like a
     checkpoint, so a mistyped path never deletes unrelated files, and
@@ -422,6 +436,110 @@ def discard(directory: str | os.PathLike[str]) -> None:
                 p.unlink()
 
 
+def check_available(directory: str | os.PathLike[str], restart: bool = False) -> None:
+    """Refuse now a checkpoint directory that a fit could not use at this moment.
+
+    Lets a caller fail before a long setup (the CLI: before starting a cluster); the fit
+    itself checks again when it takes the lock.
+
+    Parameters
+    ----------
+    directory : str or path
+    restart : bool, default False
+        Also refuse what `discard` would: a directory holding anything but a checkpoint.
+
+    Raises
+    ------
+    CheckpointLocked
+        If another fit holds the directory's lock.
+    CheckpointDamaged
+        (``restart``) Naming the first entry that is not part of a checkpoint.
+    """
+    if restart and Path(directory).exists():
+        _checkpoint_entries(Path(directory))
+    with checkpoint_lock(directory):
+        pass
+
+
+def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a checkpoint directory (it holds a manifest, a lock or a state)."""
+    p = Path(path)
+    return p.is_dir() and ((p / MANIFEST).exists() or (p / LOCK).exists() or any(p.glob("state-*")))
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What a checkpoint holds (for ``dask-em info``), or None if ``path`` is not one.
+
+    Parameters
+    ----------
+    path : str or path
+        A checkpoint directory, or one of its ``state-NNNNNN`` directories (the
+        checkpoint is described then).
+
+    Returns
+    -------
+    dict or None
+        JSON-ready: ``kind`` ("checkpoint"), the best run's ``n_components``,
+        ``covariance_type``, ``n_features``, ``n_iter``, ``converged``, ``lower_bound``
+        and ``lower_bounds`` (non-finite bounds as None), ``n_passes``, ``done``,
+        ``n_init``, ``runs`` (each initialization's progress), ``hyper_parameters``,
+        ``data`` (the data fingerprint) and ``skipped_damaged_states``.
+
+    Raises
+    ------
+    CheckpointDamaged
+        If no committed state is intact.
+    CheckpointError
+        If it holds no state yet, or only one saved before any initialization ended.
+    """
+    directory = Path(path)
+    if directory.name.startswith("state-") and (directory / "state.json").exists():
+        directory = directory.parent
+    if not is_checkpoint_dir(directory):
+        return None
+    loaded = Checkpoint(directory, {}).load(check_fingerprint=False)
+    if loaded is None:
+        raise CheckpointError(
+            f"{path} holds no checkpoint state yet (a fit may be starting on it)."
+        )
+    state = loaded.state
+    run = state.best
+    if run is None:
+        raise CheckpointError(
+            f"{path} holds a state saved before any initialization finished; run the fit to go on."
+        )
+
+    def finite(value: float) -> float | None:
+        return float(value) if np.isfinite(value) else None
+
+    return {
+        "kind": "checkpoint",
+        "n_components": run.params.n_components,
+        "covariance_type": run.params.covariance_type,
+        "n_features": run.params.n_features,
+        "n_iter": run.n_iter,
+        "converged": run.converged,
+        "lower_bound": finite(run.lower_bound),
+        "lower_bounds": [finite(b) for b in run.lower_bounds],
+        "n_passes": loaded.n_passes,
+        "done": state.done,
+        "n_init": len(state.seeds),
+        "runs": [
+            None
+            if r is None
+            else {
+                "n_iter": r.n_iter,
+                "converged": r.converged,
+                "lower_bound": finite(r.lower_bound),
+            }
+            for r in (state.run(i) for i in range(len(state.seeds)))
+        ],
+        "hyper_parameters": loaded.fingerprint.get("hyper_parameters", {}),
+        "data": loaded.fingerprint.get("data"),
+        "skipped_damaged_states": loaded.skipped,
+    }
+
+
 def _checkpoint_entries(path: Path) -> list[Path]:
     """The entries of a checkpoint directory; `CheckpointDamaged` if one is not ours."""
     entries = list(path.iterdir())
@@ -434,7 +552,7 @@ def _checkpoint_entries(path: Path) -> list[Path]:
         other = next(p.name for p in entries if p not in ours)
         raise CheckpointDamaged(
             f"{path} holds {other!r}, which is not part of a dask-em checkpoint; "
-            "refusing to delete it: choose another --checkpoint-dir."
+            "refusing to delete it: choose another {checkpoint_dir}."
         )
     return ours
 
@@ -485,7 +603,7 @@ _held: dict[Path, _Held] = {}
 _held_guard = threading.Lock()
 
 
-class CheckpointLocked(DataError):
+class CheckpointLocked(CheckpointError):
     """Another fit is using the checkpoint directory."""
 
 
@@ -528,7 +646,7 @@ def _try_lock(path: Path) -> int:
             os.close(fd)
             raise CheckpointLocked(
                 f"checkpoint {path.parent} is in use by another fit ({owner}); wait for it "
-                "to end, or use another --checkpoint-dir."
+                "to end, or use another {checkpoint_dir}."
             ) from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -566,7 +684,7 @@ def checkpoint_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
     ``{pid, host, started}`` of its holder. The kernel releases it when the holder's
     process ends, however it ends (SIGKILL too), so a lock file left behind is stale
     by construction and the next fit takes it over, logging that it did. It is
-    re-entrant in the thread that holds it (``--restart`` discards, then fits); another
+    re-entrant in the thread that holds it (`Checkpoint.lock` discards, then fits); another
     thread or process is refused. On exit the lock file is removed, and the directory
     too if the lock created it and nothing else was written there.
 
@@ -586,7 +704,7 @@ def checkpoint_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
         if held is not None and held.thread != threading.get_ident():
             raise CheckpointLocked(
                 f"checkpoint {path} is in use by another fit in this process; "
-                "use another checkpoint_dir."
+                "use another {checkpoint_dir}."
             )
         if held is None:
             created = not path.exists()

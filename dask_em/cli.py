@@ -2,7 +2,10 @@
 
 Exit status: 0 on success (also when a fit did not converge: the summary says so),
 2 on bad usage or bad input (one line on stderr, no traceback, nothing written),
-1 on an unexpected internal error (with a traceback to report).
+1 on an unexpected internal error (with a traceback to report). Bad input is a
+`dask_em.errors.UserError`, whose message the CLI renders with its option names
+(`OPTION_NAMES`) and, for some classes, its own advice (`_advice`); any other exception
+is a bug.
 
 Progress goes to stderr (one line per iteration; ``--quiet`` silences it); results go
 to stdout, as JSON with ``--json`` (``score`` and ``info`` always print JSON).
@@ -18,7 +21,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,17 +30,49 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 
 from dask_em import __version__
-from dask_em.checkpoint import LOCK, MANIFEST, Checkpoint, checkpoint_lock, discard
+from dask_em.checkpoint import check_available, describe
 from dask_em.cluster import connect, tls_security
-from dask_em.datasets import mixture_labels, mixture_rows, true_params
-from dask_em.errors import DataError, EmptyComponentWarning
-from dask_em.estimator import GaussianMixture, load_model
+from dask_em.datasets import STORE_CHUNK_ROWS, generate, true_labels
+from dask_em.errors import (
+    CheckpointWarning,
+    DataError,
+    EmptyComponentWarning,
+    IllDefinedCovarianceError,
+    UserError,
+)
+from dask_em.estimator import GaussianMixture, information_criteria, load_model
 from dask_em.init import INITIALIZERS
 from dask_em.io import check_output, open_array, read_model, store_array
-from dask_em.params import COVARIANCE_TYPES, ILL_DEFINED_COVARIANCE, GMMParams, n_parameters
-from dask_em.reduce import from_blocks, row_chunks
+from dask_em.params import COVARIANCE_TYPES, n_parameters
 
 DEMO_SIZE = {"n_samples": 2_000_000, "n_features": 8, "n_components": 5}
+
+OPTION_NAMES = {
+    "array": "--array",
+    "ca_file": "--tls-ca-file",
+    "cert": "--tls-cert",
+    "checkpoint_dir": "--checkpoint-dir",
+    "chunk_rows": "--chunk-rows",
+    "key": "--tls-key",
+    "memory_limit": "--memory-limit",
+    "n_components": "--n-components",
+    "reg_covar": "--reg-covar",
+    "restart": "--restart",
+    "scheduler": "--scheduler",
+    "scheduler_file": "--scheduler-file",
+    "security": "--tls-ca-file/--tls-cert/--tls-key",
+}
+"""The option of each parameter a library message may name (`dask_em.errors.PYTHON_WORDS`)."""
+
+
+def error_message(err: UserError, args: argparse.Namespace) -> str:
+    """The one line ``dask-em`` prints for ``err``: its message with option names, plus
+    advice that only makes sense on the command line."""
+    message = " ".join(err.render(OPTION_NAMES).split()) or type(err).__name__
+    if isinstance(err, IllDefinedCovarianceError) and hasattr(args, "reg_covar"):
+        larger = max(1e-6, 10.0 * args.reg_covar)
+        message += f" (here --reg-covar {args.reg_covar:g}: try --reg-covar {larger:g})"
+    return message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,21 +142,27 @@ def _add_chunk_rows_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _cluster(args: argparse.Namespace) -> Any:
-    if (args.scheduler or args.scheduler_file) and (
-        args.n_workers or args.threads_per_worker or args.memory_limit
-    ):
-        raise DataError(
-            "--n-workers/--threads-per-worker/--memory-limit shape a local cluster; "
-            "drop them with --scheduler or --scheduler-file."
-        )
-    security = None
-    if args.tls_ca_file or args.tls_cert or args.tls_key:
-        if not (args.tls_ca_file and args.tls_cert):
-            raise DataError(
-                "a TLS connection needs --tls-ca-file and --tls-cert (and --tls-key unless "
-                "the certificate file holds the key)."
+def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse conflicting options as usage errors (exit status 2), before any work."""
+    if getattr(args, "scheduler", None) or getattr(args, "scheduler_file", None):
+        if args.n_workers or args.threads_per_worker or args.memory_limit:
+            parser.error(
+                "--n-workers/--threads-per-worker/--memory-limit shape a local cluster; "
+                "drop them with --scheduler or --scheduler-file."
             )
+    tls = [getattr(args, name, None) for name in ("tls_ca_file", "tls_cert", "tls_key")]
+    if any(tls) and not (tls[0] and tls[1]):
+        parser.error(
+            "a TLS connection needs --tls-ca-file and --tls-cert (and --tls-key unless "
+            "the certificate file holds the key)."
+        )
+    if getattr(args, "restart", False) and not args.checkpoint_dir:
+        parser.error("--restart discards a checkpoint: give --checkpoint-dir too.")
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    security = None
+    if args.tls_ca_file:
         security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
     return connect(
         scheduler=args.scheduler,
@@ -157,33 +197,16 @@ def _finite(value: float) -> float | None:
 
 
 # ---------------------------------------------------------------------------- generate
-def generate(
-    path: str, n_samples: int, n_features: int, n_components: int, seed: int, chunk_rows: int
-) -> GMMParams:
-    """Write a synthetic mixture dataset to a Zarr array; return its true parameters."""
-    params = true_params(n_components, n_features, seed)
-    X = from_blocks(
-        mixture_rows, row_chunks(n_samples, chunk_rows), n_features, np.float64, params, seed
-    )
-    store_array(
-        X,
-        path,
-        {
-            "generator": "dask-em generate",
-            "seed": seed,
-            "true_weights": params.weights.tolist(),
-            "true_means": params.means.tolist(),
-            "true_covariances": params.covariances.tolist(),
-        },
-    )
-    return params
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     with _cluster(args):
         start = time.perf_counter()
         generate(
-            args.out, args.n_samples, args.n_features, args.n_components, args.seed, args.chunk_rows
+            args.out,
+            args.n_samples,
+            args.n_features,
+            args.n_components,
+            args.seed,
+            args.store_chunk_rows,
         )
     _say(
         args,
@@ -194,48 +217,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- fit
-def _fit(
-    args: argparse.Namespace, data: str, array: str | None, checkpoint_dir: str | None
-) -> tuple[GaussianMixture, float]:
-    """Fit with progress on stderr; return the estimator and the seconds it took."""
-    gm = GaussianMixture(
-        args.n_components,
-        covariance_type=args.covariance_type,
-        tol=args.tol,
-        reg_covar=args.reg_covar,
-        max_iter=args.max_iter,
-        n_init=args.n_init,
-        init_params=args.init_params,
-        random_state=args.seed,
-        verbose=0 if args.quiet else 2,
-        verbose_interval=1,
-        checkpoint_dir=checkpoint_dir,
-        acceleration=getattr(args, "acceleration", None),
-    )
-    X = open_array(data, array, getattr(args, "chunk_rows", None))
+def fit_with_progress(
+    gm: GaussianMixture, X: da.Array, *, quiet: bool, restart: bool = False
+) -> float:
+    """``gm.fit(X, restart=restart)`` with progress and warnings on stderr (none if
+    ``quiet``); return the seconds it took. Shared by ``fit`` and ``demo``."""
+    gm.set_params(verbose=0 if quiet else 2, verbose_interval=1)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            gm.fit(X)
-        except ValueError as err:
-            if ILL_DEFINED_COVARIANCE not in str(err):
-                raise
-            # the library's advice names the parameter; name the option too
-            larger = max(1e-6, 10.0 * args.reg_covar)
-            raise DataError(
-                f"{err} (here --reg-covar {args.reg_covar:g}: try --reg-covar {larger:g})"
-            ) from None
+        gm.fit(X, restart=restart)
     for w in caught:
-        if issubclass(w.category, ConvergenceWarning):
-            _say(
-                args,
-                f"note: not converged after {gm.n_iter_} iterations (tol {args.tol}); "
+        if not quiet and issubclass(w.category, ConvergenceWarning):
+            print(
+                f"note: not converged after {gm.n_iter_} iterations (tol {gm.tol}); "
                 "raise --max-iter or --tol",
+                file=sys.stderr,
+                flush=True,
             )
-        elif issubclass(w.category, EmptyComponentWarning) or "checkpoint" in str(w.message):
-            _say(args, f"warning: {w.message}")
-    return gm, time.perf_counter() - start
+        elif not quiet and issubclass(w.category, EmptyComponentWarning | CheckpointWarning):
+            print(f"warning: {w.message}", file=sys.stderr, flush=True)
+    return time.perf_counter() - start
 
 
 def _summary(gm: GaussianMixture) -> dict[str, Any]:
@@ -260,15 +262,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{args.n_components}; use fewer components or more data."
         )
     check_output(args.output)
-    if args.restart and not args.checkpoint_dir:
-        raise DataError("--restart discards a checkpoint: give --checkpoint-dir too.")
-    # held from the discarding of --restart to the end (the fit takes it again, re-entrantly)
-    with checkpoint_lock(args.checkpoint_dir) if args.checkpoint_dir else nullcontext():
-        if args.restart:
-            discard(args.checkpoint_dir)
-        with _cluster(args):
-            gm, seconds = _fit(args, args.data, args.array, args.checkpoint_dir)
-            gm.save(args.output)
+    if args.checkpoint_dir:
+        check_available(args.checkpoint_dir, restart=args.restart)
+    gm = GaussianMixture(
+        args.n_components,
+        covariance_type=args.covariance_type,
+        tol=args.tol,
+        reg_covar=args.reg_covar,
+        max_iter=args.max_iter,
+        n_init=args.n_init,
+        init_params=args.init_params,
+        random_state=args.seed,
+        checkpoint_dir=args.checkpoint_dir,
+        acceleration=args.acceleration,
+    )
+    with _cluster(args):
+        seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=args.restart)
+        gm.save(args.output)
     summary = {
         **_summary(gm),
         "seconds": round(seconds, 3),
@@ -290,7 +300,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
     """The model of ``args.model`` and the data of ``args.data``, checked to match."""
     gm = load_model(args.model)
-    gm.set_params(chunk_rows=None)  # the rows per task are chosen when opening DATA
     X = open_array(args.data, args.array, args.chunk_rows)
     if X.shape[1] != gm.n_features_in_:
         raise DataError(
@@ -322,67 +331,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     gm, X = _model_and_data(args)
     with _cluster(args):
-        mean = float(gm.score_samples(X).mean().compute())
+        mean = gm.score(X)
     n = int(X.shape[0])
     p = n_parameters(gm.n_components, int(gm.n_features_in_), gm.covariance_type)
-    _print_json(
-        {
-            "mean_log_likelihood": mean,
-            "bic": -2 * mean * n + p * math.log(n),
-            "aic": -2 * mean * n + 2 * p,
-            "n_samples": n,
-        }
-    )
+    bic, aic = information_criteria(mean, n, p)
+    _print_json({"mean_log_likelihood": mean, "bic": bic, "aic": aic, "n_samples": n})
     return 0
 
 
 # -------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    if path.name.startswith("state-") and (path / "state.json").exists():
-        path = path.parent  # a state directory: describe its checkpoint
-    if (path / MANIFEST).exists() or (path / LOCK).exists() or any(path.glob("state-*")):
-        loaded = Checkpoint(path, {}).load(check_fingerprint=False)
-        if loaded is None:
-            raise DataError(
-                f"{args.path} holds no checkpoint state yet (a fit may be starting on it)."
-            )
-        state = loaded.state
-        run = state.best
-        if run is None:
-            raise DataError(
-                f"{args.path} holds a state saved before any initialization finished; "
-                "run the fit to go on."
-            )
-        hyper = loaded.fingerprint.get("hyper_parameters", {})
-        _print_json(
-            {
-                "kind": "checkpoint",
-                "n_components": run.params.n_components,
-                "covariance_type": run.params.covariance_type,
-                "n_features": run.params.n_features,
-                "n_iter": run.n_iter,
-                "converged": run.converged,
-                "lower_bound": _finite(run.lower_bound),
-                "lower_bounds": [_finite(b) for b in run.lower_bounds],
-                "n_passes": loaded.n_passes,
-                "done": state.done,
-                "n_init": len(state.seeds),
-                "runs": [
-                    None
-                    if r is None
-                    else {
-                        "n_iter": r.n_iter,
-                        "converged": r.converged,
-                        "lower_bound": _finite(r.lower_bound),
-                    }
-                    for r in (state.run(i) for i in range(len(state.seeds)))
-                ],
-                "hyper_parameters": hyper,
-                "data": loaded.fingerprint.get("data"),
-                "skipped_damaged_states": loaded.skipped,
-            }
-        )
+    checkpoint = describe(args.path)
+    if checkpoint is not None:
+        _print_json(checkpoint)
         return 0
     params, attrs = read_model(args.path)
     _print_json(
@@ -423,40 +384,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         workdir / n for n in ("data.zarr", "model.zarr", "labels.zarr", "checkpoint")
     )
     n, d, k, seed = args.n_samples, args.n_features, args.n_components, args.seed
-    discard(ckpt)
     with _cluster(args):
         t0 = time.perf_counter()
-        truth = generate(str(data), n, d, k, seed, args.chunk_rows)
+        truth = generate(data, n, d, k, seed, args.store_chunk_rows)
         t1 = time.perf_counter()
         _say(
             args,
             f"generated {n} x {d} rows ({n * d * 8 / 2**20:.0f} MiB) in {data} in "
-            f"{t1 - t0:.1f} s; fitting {k} components",
+            f"{t1 - t0:.1f} s; fitting {k} components, best of {DEMO_N_INIT} initializations "
+            f"(their seeds drawn from --seed {seed})",
         )
-        fit_args = argparse.Namespace(
-            n_components=k,
-            covariance_type="full",
-            tol=1e-3,
-            reg_covar=1e-6,
-            max_iter=100,
-            n_init=DEMO_N_INIT,
-            init_params="kmeans",
-            seed=seed,
-            quiet=args.quiet,
-        )
-        gm, fit_seconds = _fit(fit_args, str(data), None, str(ckpt))
+        gm = GaussianMixture(k, n_init=DEMO_N_INIT, random_state=seed, checkpoint_dir=ckpt)
+        X = open_array(data)
+        fit_seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=True)
         gm.save(model)
         t2 = time.perf_counter()
-        X = open_array(str(data))
         store_array(gm.predict(X), labels, {"model": str(model), "kind": "predict"})
         order = _match(truth.means, gm.means_)
         relabel = np.empty(k, dtype=np.int64)
         relabel[order] = np.arange(k)
-        true_labels = from_blocks(  # drawn per chunk of the generated store
-            mixture_labels, row_chunks(n, args.chunk_rows), None, np.int64, truth, seed
-        )
+        expected = true_labels(truth, n, seed, args.store_chunk_rows)
         predicted = da.from_zarr(str(labels)).map_blocks(relabel.__getitem__, dtype=np.int64)
-        agreement = float((predicted == true_labels).mean().compute())
+        agreement = float((predicted == expected).mean().compute())
         t3 = time.perf_counter()
     fitted_w, fitted_m = gm.weights_[order], gm.means_[order]
     print(
@@ -480,6 +429,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ parser
+def _add_store_chunk_rows_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store-chunk-rows",
+        "--chunk-rows",
+        dest="store_chunk_rows",
+        type=_positive_int,
+        default=STORE_CHUNK_ROWS,
+        metavar="R",
+        help=f"rows per chunk of the written store (default {STORE_CHUNK_ROWS}); "
+        "--chunk-rows is its older name, kept as an alias",
+    )
+
+
+def _add_quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "data", metavar="DATA", help="path or URL of a Zarr array (or of a group, with --array)"
+    )
+    p.add_argument("--array", metavar="NAME", help="the array to use inside a Zarr group")
+    _add_chunk_rows_option(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dask-em`` argument parser (sub-commands generate, fit, predict, score, info, demo)."""
     parser = _Parser(
@@ -491,85 +465,143 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("generate", help="write a synthetic mixture dataset to a Zarr array")
-    p.add_argument("out", metavar="OUT.zarr")
-    p.add_argument("--n-samples", type=_positive_int, required=True)
-    p.add_argument("--n-features", type=_positive_int, required=True)
-    p.add_argument("--n-components", type=_positive_int, required=True)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("out", metavar="OUT.zarr", help="path of the Zarr array to write")
+    p.add_argument("--n-samples", type=_positive_int, required=True, help="rows to draw")
+    p.add_argument("--n-features", type=_positive_int, required=True, help="features per row")
     p.add_argument(
-        "--chunk-rows",
-        type=_positive_int,
-        default=250_000,
-        metavar="R",
-        help="rows per chunk of the written store (default 250000)",
+        "--n-components", type=_positive_int, required=True, help="components of the mixture"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seeds the true parameters and the rows (default 0)",
+    )
+    _add_store_chunk_rows_option(p)
+    _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fit", help="fit a Gaussian mixture to a Zarr array")
+    _add_data_options(p)
+    p.add_argument("--n-components", type=_positive_int, required=True, help="components to fit")
     p.add_argument(
-        "data", metavar="DATA", help="path or URL of a Zarr array (or group, with --array)"
+        "--output", required=True, metavar="MODEL.zarr", help="where to write the fitted model"
     )
-    p.add_argument("--array", metavar="NAME", help="array inside a Zarr group")
-    p.add_argument("--n-components", type=_positive_int, required=True)
-    p.add_argument("--output", required=True, metavar="MODEL.zarr")
-    p.add_argument("--covariance-type", choices=COVARIANCE_TYPES, default="full")
-    p.add_argument("--tol", type=_non_negative_float, default=1e-3)
-    p.add_argument("--max-iter", type=_non_negative_int, default=100)
-    p.add_argument("--reg-covar", type=_non_negative_float, default=1e-6)
-    p.add_argument("--init-params", choices=list(INITIALIZERS), default="kmeans")
-    p.add_argument("--n-init", type=_positive_int, default=1)
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--covariance-type",
+        choices=COVARIANCE_TYPES,
+        default="full",
+        help="form of the covariances (default full)",
+    )
+    p.add_argument(
+        "--tol",
+        type=_non_negative_float,
+        default=1e-3,
+        help="converged when the mean log-likelihood changes by less (default 1e-3)",
+    )
+    p.add_argument(
+        "--max-iter", type=_non_negative_int, default=100, help="most EM iterations (default 100)"
+    )
+    p.add_argument(
+        "--reg-covar",
+        type=_non_negative_float,
+        default=1e-6,
+        help="added to the diagonal of every covariance (default 1e-6)",
+    )
+    p.add_argument(
+        "--init-params",
+        choices=list(INITIALIZERS),
+        default="kmeans",
+        help="how to initialize (default kmeans, k-means||)",
+    )
+    p.add_argument(
+        "--n-init",
+        type=_positive_int,
+        default=1,
+        help="initializations, advanced together; the best is kept (default 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="random seed; each initialization's seed is drawn from it (default 0)",
+    )
     p.add_argument(
         "--acceleration", choices=["squarem"], help="SQUAREM extrapolation (fewer passes)"
     )
     p.add_argument(
         "--checkpoint-dir", metavar="DIR", help="save state every iteration; rerun to resume"
     )
-    p.add_argument("--restart", action="store_true", help="discard the checkpoint and start over")
-    _add_chunk_rows_option(p)
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoint of --checkpoint-dir and start over",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("predict", help="write labels (or responsibilities) of a Zarr array")
-    p.add_argument("model", metavar="MODEL.zarr")
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--array", metavar="NAME")
-    p.add_argument("--output", required=True, metavar="OUT.zarr")
+    p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
+    _add_data_options(p)
+    p.add_argument("--output", required=True, metavar="OUT.zarr", help="where to write the labels")
     p.add_argument(
         "--proba", action="store_true", help="write responsibilities (n, K) instead of labels"
     )
-    _add_chunk_rows_option(p)
-    p.add_argument("--quiet", action="store_true")
+    _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("score", help="JSON: mean log-likelihood, bic, aic, n_samples")
-    p.add_argument("model", metavar="MODEL.zarr")
-    p.add_argument("data", metavar="DATA")
-    p.add_argument("--array", metavar="NAME")
-    _add_chunk_rows_option(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
+    _add_data_options(p)
+    _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("info", help="JSON description of a model or a checkpoint directory")
-    p.add_argument("path", metavar="MODEL.zarr|CHECKPOINT_DIR")
+    p.add_argument(
+        "path", metavar="MODEL.zarr|CHECKPOINT_DIR", help="a model, or a --checkpoint-dir"
+    )
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
         "demo", help="generate, fit (checkpointed), predict and report on a local cluster"
     )
-    p.add_argument("--workdir", default="dask-em-demo", metavar="DIR")
-    p.add_argument("--n-samples", type=_positive_int, default=DEMO_SIZE["n_samples"])
-    p.add_argument("--n-features", type=_positive_int, default=DEMO_SIZE["n_features"])
-    p.add_argument("--n-components", type=_positive_int, default=DEMO_SIZE["n_components"])
-    p.add_argument("--chunk-rows", type=_positive_int, default=250_000)
-    p.add_argument("--seed", type=_non_negative_int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--workdir",
+        default="dask-em-demo",
+        metavar="DIR",
+        help="where the data, model, labels and checkpoint go (default dask-em-demo)",
+    )
+    p.add_argument(
+        "--n-samples",
+        type=_positive_int,
+        default=DEMO_SIZE["n_samples"],
+        help=f"rows to generate (default {DEMO_SIZE['n_samples']})",
+    )
+    p.add_argument(
+        "--n-features",
+        type=_positive_int,
+        default=DEMO_SIZE["n_features"],
+        help=f"features per row (default {DEMO_SIZE['n_features']})",
+    )
+    p.add_argument(
+        "--n-components",
+        type=_positive_int,
+        default=DEMO_SIZE["n_components"],
+        help=f"components (default {DEMO_SIZE['n_components']})",
+    )
+    _add_store_chunk_rows_option(p)
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seeds the data and the fit (default 0)",
+    )
+    _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -577,12 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dask-em``; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_usage(parser, args)
     try:
         return int(args.func(args))
-    except (DataError, ValueError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"dask-em {args.command}: error: {message}", file=sys.stderr)
+    except UserError as err:
+        print(f"dask-em {args.command}: error: {error_message(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dask-em {args.command}: interrupted", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 `connect` is a context manager that yields a client set as Dask's default scheduler
 for the duration, so the library's ``compute`` calls run on it, and closes what it
-started. Connection problems become one-line `dask_em.errors.DataError` messages, also
+started. Connection problems become one-line `dask_em.errors.ClusterError` messages, also
 the loss of an external scheduler mid-work (`scheduler_loss_reported`) and workers
 dying on a task (`killed_workers_reported`). `tls_security`
 builds the ``distributed.Security`` of a TLS connection (``tls://`` addresses).
@@ -21,7 +21,7 @@ from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from typing import Any
 
-from dask_em.errors import DataError
+from dask_em.errors import ClusterError, ParameterError
 
 CONNECT_TIMEOUT = "20s"
 
@@ -97,7 +97,7 @@ def silenced(package: str) -> Iterator[None]:
 
 @contextmanager
 def scheduler_loss_reported(client: Any, where: str) -> Iterator[None]:
-    """Turn an error raised because ``client`` lost its scheduler into a `DataError`.
+    """Turn an error raised because ``client`` lost its scheduler into a `ClusterError`.
 
     A scheduler that dies mid-work cancels the client's futures
     (``FutureCancelledError``, reason ``scheduler-connection-lost``) or leaves the client
@@ -111,16 +111,16 @@ def scheduler_loss_reported(client: Any, where: str) -> Iterator[None]:
         )
         if not lost and client.status == "running":
             raise
-        raise DataError(
+        raise ClusterError(
             f"lost the connection to the Dask scheduler at {where}; check that it is running "
-            "and rerun the command (with --checkpoint-dir it resumes from the last completed "
+            "and run the fit again (with {checkpoint_dir} it resumes from the last completed "
             "iteration)."
         ) from None
 
 
 @contextmanager
 def killed_workers_reported() -> Iterator[None]:
-    """Turn distributed's ``KilledWorker`` into a one-line `DataError` with the usual fix.
+    """Turn distributed's ``KilledWorker`` into a one-line `ClusterError` with the usual fix.
 
     The scheduler raises it when every worker that ran one task died while running it
     (``distributed.scheduler.allowed-failures`` + 1 of them), which nearly always means
@@ -131,16 +131,18 @@ def killed_workers_reported() -> Iterator[None]:
     try:
         yield
     except KilledWorker as err:
-        raise DataError(
+        raise ClusterError(
             f"{err.allowed_failures + 1} worker(s) died while running the same task (the "
             f"last one: {err.last_worker.address}); workers "
-            "that die mid-task have usually run out of memory: use a smaller --chunk-rows "
-            "or give the workers more memory (--memory-limit), then rerun (with "
-            "--checkpoint-dir it resumes from the last completed iteration)."
+            "that die mid-task have usually run out of memory: use a smaller {chunk_rows} "
+            "or give the workers more memory ({memory_limit}), then run again (with "
+            "{checkpoint_dir} it resumes from the last completed iteration)."
         ) from None
 
 
-TLS_OPTIONS = "--tls-ca-file, --tls-cert and --tls-key"
+TLS_FILES = "{ca_file}, {cert} and {key}"
+"""The certificate files of a TLS connection (the parameters of `tls_security`), as
+`dask_em.errors.UserError` fields."""
 
 
 def tls_security(
@@ -161,14 +163,16 @@ def tls_security(
 
     Raises
     ------
-    DataError
+    ClusterError
         If one of the files does not exist.
     """
     from distributed import Security
 
-    for option, path in (("--tls-ca-file", ca_file), ("--tls-cert", cert), ("--tls-key", key)):
+    for name, path in (("ca_file", ca_file), ("cert", cert), ("key", key)):
         if path is not None and not os.path.isfile(path):
-            raise DataError(f"{option}: no such file {os.fspath(path)!r}; check the path.")
+            raise ClusterError(
+                f"{{{name}}}: no such file {os.fspath(path)!r}; check the path.", parameter=name
+            )
     return Security(
         tls_ca_file=os.fspath(ca_file),
         tls_client_cert=os.fspath(cert),
@@ -201,13 +205,13 @@ def _check_protocol(address: str | None, where: str, security: Any) -> None:
         return
     scheme = address.split("://", 1)[0] if "://" in address else "tcp"
     if scheme == "tls" and security is None:
-        raise DataError(
-            f"the Dask scheduler at {where} uses TLS ({address}): give {TLS_OPTIONS} "
+        raise ClusterError(
+            f"the Dask scheduler at {where} uses TLS ({address}): give {TLS_FILES} "
             "(the CA that signed its certificate, and a client certificate and key)."
         )
     if scheme != "tls" and security is not None:
-        raise DataError(
-            f"{TLS_OPTIONS} need a TLS scheduler, but {where} has the {scheme}:// address "
+        raise ClusterError(
+            f"{TLS_FILES} need a TLS scheduler, but {where} has the {scheme}:// address "
             f"{address}; give its tls:// address."
         )
 
@@ -242,7 +246,7 @@ def _connect_failure(err: BaseException, where: str, security: Any) -> str:
         detail = getattr(tls_error, "reason", None) or (named.group(1) if named else reason)
         closed = isinstance(tls_error, ssl.SSLEOFError) or "SSLEOFError" in reason
         client_cert = (
-            "rejected the client certificate: --tls-cert/--tls-key must be a certificate "
+            "rejected the client certificate: {cert}/{key} must be a certificate "
             "and key signed by a CA the scheduler trusts."
         )
         if any(alert in detail for alert in _CLIENT_CERT_REJECTED):
@@ -255,13 +259,13 @@ def _connect_failure(err: BaseException, where: str, security: Any) -> str:
             advice = f"it does so when it {client_cert}"
         elif "CERTIFICATE_VERIFY_FAILED" in detail:
             advice = (
-                "the scheduler's certificate was not accepted: --tls-ca-file must be the CA "
+                "the scheduler's certificate was not accepted: {ca_file} must be the CA "
                 "that signed it, and it must name the host in the address."
             )
         else:
             advice = (
-                "the certificates are the likely cause: check that --tls-ca-file is the CA "
-                "that signed the scheduler's certificate and that --tls-cert/--tls-key are a "
+                "the certificates are the likely cause: check that {ca_file} is the CA "
+                "that signed the scheduler's certificate and that {cert}/{key} are a "
                 "client certificate and key signed by a CA the scheduler trusts."
             )
         return (
@@ -272,7 +276,7 @@ def _connect_failure(err: BaseException, where: str, security: Any) -> str:
         return (
             f"cannot connect to the Dask scheduler at {where}: the scheduler closed the "
             f"connection ({reason}); it likely requires TLS: give its tls:// address with "
-            f"{TLS_OPTIONS}."
+            f"{TLS_FILES}."
         )
     return (
         f"cannot connect to the Dask scheduler at {where}: {reason}; check the address "
@@ -297,7 +301,7 @@ def connect(
     scheduler : str, optional
         Address of a running scheduler, e.g. ``tcp://10.0.0.5:8786``.
     scheduler_file : str or path, optional
-        JSON file written by ``dask scheduler --scheduler-file``.
+        The JSON scheduler file a ``dask scheduler`` wrote.
     n_workers, threads_per_worker, memory_limit : optional
         Shape of the embedded local cluster (worker processes) started when neither
         ``scheduler`` nor ``scheduler_file`` is given. ``memory_limit`` is per worker,
@@ -314,7 +318,7 @@ def connect(
 
     Raises
     ------
-    DataError
+    ClusterError
         If the scheduler cannot be reached (also: TLS handshake failed, a TLS scheduler
         without ``security`` or the reverse) or the scheduler file is missing, or (external
         scheduler) if the connection to it is lost within the block, or if workers died
@@ -325,13 +329,19 @@ def connect(
     from distributed import Client
 
     if scheduler is not None and scheduler_file is not None:
-        raise DataError("give either --scheduler or --scheduler-file, not both.")
+        raise ParameterError(
+            "give either {scheduler} or {scheduler_file}, not both.", parameter="scheduler"
+        )
     if scheduler_file is not None and not os.path.exists(scheduler_file):
-        raise DataError(f"no such scheduler file: {os.fspath(scheduler_file)!r}; check the path.")
+        raise ClusterError(
+            f"no such scheduler file: {os.fspath(scheduler_file)!r}; check the path.",
+            parameter="scheduler_file",
+        )
     if security is not None and scheduler is None and scheduler_file is None:
-        raise DataError(
-            "--tls-ca-file/--tls-cert/--tls-key are for a TLS scheduler: give its "
-            "address with --scheduler tls://HOST:PORT or --scheduler-file."
+        raise ParameterError(
+            "{security} is for a TLS scheduler: give its address as {scheduler}="
+            "tls://HOST:PORT or a {scheduler_file}.",
+            parameter="security",
         )
     if scheduler is not None or scheduler_file is not None:
         where = scheduler if scheduler is not None else os.fspath(scheduler_file)  # type: ignore[arg-type]
@@ -345,7 +355,7 @@ def connect(
                 security=security,
             )
         except (OSError, TimeoutError, ValueError) as err:
-            raise DataError(_connect_failure(err, where, security)) from None
+            raise ClusterError(_connect_failure(err, where, security)) from None
         with (
             silenced("distributed"),
             client,

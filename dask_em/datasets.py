@@ -1,17 +1,79 @@
-"""Synthetic Gaussian-mixture data, generated chunk by chunk (for ``dask-em generate`` and the demo).
+"""Synthetic Gaussian-mixture data, generated chunk by chunk (``dask-em generate``, the demo).
 
 A dataset is defined by ``(n_components, n_features, seed)`` for its true parameters and
 by ``(seed, chunk index)`` for the rows of each chunk, so any chunk can be regenerated
-alone and the data never needs to fit in memory. NumPy only; `dask_em.reduce.from_blocks`
-turns `mixture_rows` and `mixture_labels` into lazy Dask arrays.
+alone and the data never needs to fit in memory. The chunk functions are NumPy only;
+`generate` and `true_labels` turn them into lazy Dask arrays with
+`dask_em.reduce.from_blocks`, one chunk per chunk of the written store
+(``store_chunk_rows`` rows each).
 """
 
 from __future__ import annotations
 
+import os
+
+import dask.array as da
 import numpy as np
 
+from dask_em.io import store_array
 from dask_em.kernels import chunk_rng
 from dask_em.params import GMMParams
+from dask_em.reduce import from_blocks, row_chunks
+
+STORE_CHUNK_ROWS = 250_000
+"""Default rows per chunk of a generated store (2 MB per chunk and feature in float64)."""
+
+
+def generate(
+    path: str | os.PathLike[str],
+    n_samples: int,
+    n_features: int,
+    n_components: int,
+    seed: int = 0,
+    store_chunk_rows: int = STORE_CHUNK_ROWS,
+) -> GMMParams:
+    """Write a synthetic mixture dataset to a Zarr array; return its true parameters.
+
+    Parameters
+    ----------
+    path : str or path
+        Destination of the (n_samples, n_features) float64 array; its attributes hold
+        the seed and the true parameters.
+    n_samples, n_features, n_components : int
+    seed : int, default 0
+        Seeds the true parameters and the rows (per chunk).
+    store_chunk_rows : int, default `STORE_CHUNK_ROWS`
+        Rows per chunk of the written store (the rows are drawn per chunk, so they
+        depend on it; rows per task when fitting are chosen separately, ``chunk_rows``).
+
+    Returns
+    -------
+    GMMParams
+        The true parameters (full covariances).
+    """
+    params = true_params(n_components, n_features, seed)
+    chunks = row_chunks(n_samples, store_chunk_rows)
+    X = from_blocks(mixture_rows, chunks, n_features, np.float64, params, seed)
+    store_array(
+        X,
+        path,
+        {
+            "generator": "dask-em generate",
+            "seed": seed,
+            "true_weights": params.weights.tolist(),
+            "true_means": params.means.tolist(),
+            "true_covariances": params.covariances.tolist(),
+        },
+    )
+    return params
+
+
+def true_labels(
+    params: GMMParams, n_samples: int, seed: int, store_chunk_rows: int = STORE_CHUNK_ROWS
+) -> da.Array:
+    """The component each row of a dataset written by `generate` was drawn from: lazy, shape (n_samples,)."""
+    chunks = row_chunks(n_samples, store_chunk_rows)
+    return from_blocks(mixture_labels, chunks, None, np.int64, params, seed)
 
 
 def true_params(n_components: int, n_features: int, seed: int) -> GMMParams:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dask_em import kernels
+from dask_em.errors import IllDefinedCovarianceError, invalid_parameter
 from dask_em.params import GMMParams
 from dask_em.passes import Pass, Steps, serve_alone, serve_together
 from dask_em.reseed import Reseed, reseed
@@ -240,7 +241,7 @@ def extrapolate(
         cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
     try:
         return GMMParams.from_covariances(weights / weights.sum(), means, cov, p0.covariance_type)
-    except ValueError:
+    except IllDefinedCovarianceError:
         return None
 
 
@@ -457,7 +458,7 @@ def fit_restarts(
         The best run.
     """
     if acceleration not in STEPS:
-        raise ValueError(f"Invalid acceleration {acceleration!r}: use None or 'squarem'.")
+        raise invalid_parameter("acceleration", acceleration, "use None or 'squarem'")
     steps = STEPS[acceleration]
     if state.done and state.best is not None:
         return state.best

@@ -1,10 +1,16 @@
 """The exceptions and warnings dask-em raises for problems the user can fix.
 
 Every problem a user can fix is a `UserError`: its message is one line naming the
-problem and the fix, in Python's words (parameter names such as ``checkpoint_dir=``).
-The ``dask-em`` command catches `UserError` alone, prints the message (adding its own
-option names where a subclass says which parameter is at fault) and exits with status
-2; any other exception is a bug and exits with status 1 and a traceback.
+problem and the fix, in Python's words (parameter names such as ``checkpoint_dir``).
+The ``dask-em`` command catches `UserError` alone, prints the message with its own
+option names (`UserError.render`) and exits with status 2; any other exception is a
+bug and exits with status 1 and a traceback.
+
+A message is written as a template in which a parameter the user can change is a
+field in braces, ``"use another {checkpoint_dir}"``. `PYTHON_WORDS` lists every field
+and its Python wording (``str(err)`` renders with it); the CLI renders the same template
+with its option names instead, so no library message names a CLI flag
+and the CLI never parses a message.
 
 `UserError` subclasses `ValueError`, so code written against scikit-learn's
 ``GaussianMixture`` (``except ValueError``) keeps working.
@@ -28,23 +34,87 @@ class                          raised for
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from typing import Any
+
+PYTHON_WORDS: dict[str, str] = {
+    "array": "array",
+    "ca_file": "ca_file",
+    "cert": "cert",
+    "checkpoint_dir": "checkpoint_dir",
+    "chunk_rows": "chunk_rows",
+    "key": "key",
+    "memory_limit": "memory_limit",
+    "n_components": "n_components",
+    "reg_covar": "reg_covar",
+    "restart": "fit(..., restart=True)",
+    "scheduler": "scheduler",
+    "scheduler_file": "scheduler_file",
+    "security": "security",
+}
+"""The fields a message template may hold, each with its wording for a Python user.
+
+A field is a parameter (or fit option) the message asks the user to change; the CLI
+maps each one to its option (a test checks that it maps them all)."""
+
+_FIELD = re.compile(r"\{([a-z_]+)\}")
+
+
+def render(template: str, words: Mapping[str, str]) -> str:
+    """``template`` with each field ``{name}`` of `PYTHON_WORDS` replaced by ``words[name]``.
+
+    Braces around anything else (a path, a repr) are left as they are.
+    """
+    return _FIELD.sub(
+        lambda m: words.get(m[1], PYTHON_WORDS[m[1]]) if m[1] in PYTHON_WORDS else m[0],
+        template,
+    )
+
 
 class UserError(ValueError):
     """A problem the user can fix; the message is one line saying what to change.
 
+    Parameters
+    ----------
+    template : str
+        The message, with the parameters the user can change as ``{name}`` fields
+        (keys of `PYTHON_WORDS`); ``str(err)`` renders it with `PYTHON_WORDS`.
+    parameter : str, optional
+        The Python parameter at fault, when one is (overrides the class's).
+
     Attributes
     ----------
+    template : str
     parameter : str or None
         The Python parameter at fault (for example ``"reg_covar"``), when one is; the
-        CLI uses it to name its own option.
+        CLI uses it to say which of its options was at fault.
     """
 
     parameter: str | None = None
 
-    def __init__(self, message: str, *, parameter: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, template: str, *, parameter: str | None = None) -> None:
+        super().__init__(render(template, PYTHON_WORDS))
+        self.template = template
         if parameter is not None:
             self.parameter = parameter
+
+    def render(self, words: Mapping[str, str]) -> str:
+        """The message with the fields named by ``words`` (e.g. the CLI's option names)."""
+        return render(self.template, words)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # raised in a Dask worker, re-raised in the client: keep template and parameter
+        return (type(self), (self.template,), self.__dict__)
+
+
+def invalid_parameter(name: str, value: Any, rule: str) -> ParameterError:
+    """The `ParameterError` for hyper-parameter ``name`` of invalid ``value``.
+
+    One wording for every hyper-parameter check: ``Invalid value for 'tol': -1; use a
+    number >= 0.``
+    """
+    return ParameterError(f"Invalid value for {name!r}: {value!r}; {rule}.", parameter=name)
 
 
 class ParameterError(UserError):

@@ -12,10 +12,12 @@ import os
 import sys
 import warnings
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import dask.array as da
 import numpy as np
+import sklearn
 import zarr
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -25,14 +27,20 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from dask_em import __version__, kernels
 from dask_em.checkpoint import Checkpoint, content_hash, data_fingerprint
 from dask_em.em import ACCELERATIONS, EMResult, FitState, Iteration, fit_restarts
-from dask_em.errors import DataError, EmptyComponentWarning
+from dask_em.errors import (
+    CheckpointWarning,
+    DataError,
+    EmptyComponentWarning,
+    ParameterError,
+    invalid_parameter,
+)
 from dask_em.init import INITIALIZERS, initialize
 from dask_em.io import (
     check_chunk_rows,
     check_data_shape_dtype,
     open_array,
     read_model,
-    task_rows,
+    row_chunked,
     write_model,
 )
 from dask_em.params import (
@@ -43,6 +51,32 @@ from dask_em.params import (
 )
 from dask_em.passes import Steps
 from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, check_chunk_memory, map_rows
+from dask_em.reseed import empty_weights
+from dask_em.stats import ZERO_WEIGHT_SUM
+
+RUN_SETTINGS = ("checkpoint_dir", "verbose", "verbose_interval", "chunk_rows")
+"""Parameters that say how a fit runs, not what model it makes: `GaussianMixture.save`
+records them, `load_model` leaves them at their defaults (a loaded model refitted on new
+data must not resume another fit's checkpoint nor inherit another data's chunking)."""
+
+
+def information_criteria(
+    mean_log_likelihood: float, n_samples: int, n_parameters: int
+) -> tuple[float, float]:
+    """BIC and AIC of a model whose mean log-likelihood per row on ``n_samples`` rows is given.
+
+    Returns
+    -------
+    bic, aic : float
+        ``-2 n L + p log n`` and ``-2 n L + 2 p`` (lower is better).
+    """
+    total = -2.0 * mean_log_likelihood * n_samples
+    return total + n_parameters * float(np.log(n_samples)), total + 2.0 * n_parameters
+
+
+def _block_as(block_fn: Any, dtype: np.dtype, X: np.ndarray, params: GMMParams) -> np.ndarray:
+    """``block_fn(X, params)`` as ``dtype`` (the dtype the estimator promises)."""
+    return np.asarray(block_fn(X, params), dtype=dtype)
 
 
 def _is_out_of_core(X: Any) -> bool:
@@ -99,7 +133,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     split_every : int, default 8
         Maximum fan-in of the tree reduction of the per-chunk statistics.
     chunk_rows : int or None, default None
-        Rows per Dask task. None chooses from the data alone (`dask_em.io.task_rows`):
+        Rows per Dask task. None chooses from the data alone (`dask_em.io.choose_chunk_rows`):
         Zarr input is read in whole store chunks merged up to about 32 MiB per task,
         in-memory NumPy input is cut into about 32 MiB chunks, and a Dask array keeps
         its chunks. An integer is used as given for NumPy and Dask input and rounded up
@@ -126,7 +160,18 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     EmptyComponentWarning
         When a component loses all its mass during ``fit`` and is re-seeded at the
         worst-fitted row (`dask_em.reseed`; scikit-learn leaves such a component empty).
-        ``lower_bounds_`` may decrease into an iteration that follows a re-seed.
+        ``lower_bounds_`` may decrease into an iteration that follows a re-seed. Also,
+        once at the end of ``fit``, when components are left empty because no re-seed
+        could help (e.g. more components than distinct rows).
+
+    Notes
+    -----
+    Input may be a NumPy array, a Dask array, a Zarr array or the path/URL of one, or an
+    array of another array-API library on the CPU (converted with ``numpy.from_dlpack``,
+    also under ``sklearn.config_context(array_api_dispatch=True)``); outputs are NumPy
+    (Dask for Dask and Zarr input). ``predict_proba`` returns the input's dtype (float32
+    for float32 input, as scikit-learn); ``score_samples`` always float64 (the
+    log-likelihood is accumulated in float64); the parameters are float64.
     """
 
     def __init__(
@@ -174,8 +219,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ checks
     def _check_hyper_parameters(self) -> None:
-        def bad(name: str, rule: str) -> ValueError:
-            return ValueError(f"Invalid value for {name!r}: {getattr(self, name)!r}; {rule}.")
+        def bad(name: str, rule: str) -> ParameterError:
+            return invalid_parameter(name, getattr(self, name), rule)
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int | np.integer) and not isinstance(v, bool)
@@ -210,13 +255,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _as_dask(self, X: Any, *, reset: bool) -> da.Array:
         """Validate any accepted input and return it as a row-chunked float Dask array.
 
-        Row chunks follow ``chunk_rows`` (see the class docstring): Zarr input is opened
-        with `task_rows` over its store chunks, NumPy input is cut with `task_rows`, and
-        a Dask array is rechunked only when ``chunk_rows`` is given.
+        Row chunks follow ``chunk_rows`` (see the class docstring), chosen by
+        `dask_em.io.open_array` for Zarr input and `dask_em.io.row_chunked` otherwise.
         """
-        rechunk = self.chunk_rows is not None
         if isinstance(X, str | os.PathLike | zarr.Array | zarr.Group):
-            X, rechunk = open_array(X, chunk_rows=self.chunk_rows), False
+            X = open_array(X, chunk_rows=self.chunk_rows)
         if isinstance(X, da.Array):
             if any(np.isnan(c) for c in X.shape):
                 raise DataError("X has unknown chunk sizes; call X.compute_chunk_sizes() first.")
@@ -224,15 +267,29 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if X.dtype not in (np.float32, np.float64):
                 X = X.astype(np.float64)
             self._check_n_features(X.shape[1], reset=reset)
-            if rechunk:
-                rows = task_rows(*X.shape, X.dtype.itemsize, 1, self.chunk_rows)
-                X = X.rechunk({0: rows, 1: -1})
-            return X
-        X = validate_data(
-            self, X, dtype=[np.float64, np.float32], reset=reset, ensure_min_samples=1
-        )
-        rows = task_rows(*X.shape, X.itemsize, 1, self.chunk_rows)
-        return da.from_array(X, chunks=(rows, -1))
+            return row_chunked(X, self.chunk_rows)
+        return row_chunked(self._validate_in_memory(X, reset=reset), self.chunk_rows)
+
+    def _validate_in_memory(self, X: Any, *, reset: bool) -> np.ndarray:
+        """In-memory input as a float NumPy array (scikit-learn's checks and messages).
+
+        An array of another array-API library is converted with ``numpy.from_dlpack``
+        (CPU arrays); the checks then run without array-API dispatch, whose namespace
+        the Dask engine does not use.
+        """
+        if hasattr(X, "__array_namespace__") and not isinstance(X, np.ndarray):
+            try:
+                X = np.from_dlpack(X)
+            except (TypeError, ValueError, RuntimeError, BufferError) as err:
+                raise DataError(
+                    f"X is a {type(X).__module__}.{type(X).__name__} that NumPy cannot read "
+                    f"({type(err).__name__}); dask-em computes with NumPy and Dask: move X to "
+                    "the CPU or convert it with numpy.asarray first."
+                ) from None
+        with sklearn.config_context(array_api_dispatch=False):
+            return validate_data(
+                self, X, dtype=[np.float64, np.float32], reset=reset, ensure_min_samples=1
+            )
 
     def _check_n_features(self, n_features: int, *, reset: bool) -> None:
         if reset:
@@ -240,7 +297,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if hasattr(self, "feature_names_in_"):
                 del self.feature_names_in_
         elif n_features != self.n_features_in_:
-            raise ValueError(
+            raise DataError(
                 f"X has {n_features} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input."
             )
@@ -255,26 +312,31 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             if w.ndim == 0:
                 w = np.full(X.shape[0], float(w))
             if w.ndim == 1 and not np.all(np.isfinite(w)):
-                raise ValueError(
-                    "sample_weight contains NaN or infinite values; pass finite weights."
+                raise DataError(
+                    "sample_weight contains NaN or infinite values; pass finite weights.",
+                    parameter="sample_weight",
                 )
             if w.ndim == 1 and np.any(w < 0):
-                raise ValueError("sample_weight has negative values; weights must be >= 0.")
-            if w.ndim == 1 and w.sum() <= 0:
-                raise ValueError(
-                    "sample_weight sums to zero; at least one row needs a positive weight."
+                raise DataError(
+                    "sample_weight has negative values; weights must be >= 0.",
+                    parameter="sample_weight",
                 )
+            if w.ndim == 1 and w.sum() <= 0:
+                raise DataError(ZERO_WEIGHT_SUM, parameter="sample_weight")
         if w.ndim != 1 or w.shape[0] != X.shape[0]:
-            raise ValueError(
+            raise DataError(
                 f"sample_weight.shape == {tuple(w.shape)}, expected ({X.shape[0]},): "
-                "one weight per row."
+                "one weight per row.",
+                parameter="sample_weight",
             )
         if isinstance(w, np.ndarray):
             w = da.from_array(w, chunks=(X.chunks[0],))
         return w
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> GaussianMixture:
+    def fit(
+        self, X: Any, y: Any = None, sample_weight: Any = None, *, restart: bool = False
+    ) -> GaussianMixture:
         """Estimate the parameters with EM, keeping the best of ``n_init`` initializations.
 
         Parameters
@@ -284,23 +346,34 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         y : ignored
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative weight of each row (multiplies its responsibilities).
+        restart : bool, default False
+            Discard the checkpoint in ``checkpoint_dir`` and start over. The discard and
+            the fit happen under one holding of the directory's lock, so no other fit
+            uses the directory in between. A directory holding anything but a
+            checkpoint is refused, never deleted.
 
         Returns
         -------
         self
         """
         self._check_hyper_parameters()
+        if restart and self.checkpoint_dir is None:
+            raise ParameterError(
+                "{restart} discards a checkpoint: give {checkpoint_dir} too.",
+                parameter="checkpoint_dir",
+            )
         Xd = self._as_dask(X, reset=True)
         n_samples, n_features = Xd.shape
         if n_samples < 2:
-            raise ValueError(
+            raise DataError(
                 f"Found array with {n_samples} sample(s) (shape={Xd.shape}) while a minimum "
                 "of 2 is required by GaussianMixture."
             )
         if n_samples < self.n_components:
-            raise ValueError(
+            raise DataError(
                 f"Expected n_samples >= n_components but got n_components = "
-                f"{self.n_components}, n_samples = {n_samples}"
+                f"{self.n_components}, n_samples = {n_samples}",
+                parameter="n_components",
             )
         inits = check_init_arrays(
             self.weights_init,
@@ -314,7 +387,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         check_chunk_memory(data.X)
         checkpoint = self._checkpoint(data, inits)
         # a fit refused for its checkpoint's lock has not persisted anything
-        with checkpoint.lock() if checkpoint is not None else nullcontext():
+        with checkpoint.lock(restart=restart) if checkpoint is not None else nullcontext():
             best, passes = self._run(data.persisted(self.cache), inits, checkpoint)
         self._set_fitted(best.params)
         self.converged_ = bool(best.converged)
@@ -329,6 +402,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=2,
             )
+        empty = empty_weights(self.weights_, n_samples)
+        if empty.size:
+            warnings.warn(
+                f"{empty.size} of {self.n_components} components ended empty (component(s) "
+                f"{', '.join(map(str, empty))} hold no data and no re-seed could help, e.g. "
+                "more components than distinct rows); use fewer components.",
+                EmptyComponentWarning,
+                stacklevel=2,
+            )
         return self
 
     def _run(
@@ -341,7 +423,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             state, passes_before = loaded.state, loaded.n_passes
             for reason in loaded.skipped:
                 warnings.warn(
-                    f"checkpoint state {reason}; resuming from an older state", stacklevel=3
+                    f"checkpoint state {reason}; resuming from an older state",
+                    CheckpointWarning,
+                    stacklevel=3,
                 )
             if self.verbose >= 1:
                 print(f"Resuming {state.describe()} from {self.checkpoint_dir}", file=sys.stderr)
@@ -355,7 +439,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
         def start(seed: int) -> Steps[GMMParams]:
             if self.verbose >= 1:
-                print(f"Initialization with seed {seed}", file=sys.stderr)
+                which = state.seeds.index(seed) + 1
+                print(
+                    f"Initialization {which} of {len(state.seeds)} (its seed is drawn from "
+                    f"random_state={self.random_state!r})",
+                    file=sys.stderr,
+                )
             return initialize(
                 data.shape,
                 self.n_components,
@@ -460,14 +549,22 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     # -------------------------------------------------------------- inference
     def _evaluate(self, X: Any, block_fn: Any, dtype: Any, n_cols: int | None = None) -> Any:
+        """``block_fn`` over the rows of ``X``, its output as ``dtype`` (None: the dtype of
+        the validated input, float32 or float64), for NumPy and Dask alike."""
         params = self._params()
         if _is_out_of_core(X):
-            return map_rows(self._as_dask(X, reset=False), block_fn, params, dtype, n_cols)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return block_fn(X, params)
+            Xd = self._as_dask(X, reset=False)
+            out = np.dtype(Xd.dtype if dtype is None else dtype)
+            return map_rows(Xd, partial(_block_as, block_fn, out), params, out, n_cols)
+        Xn = self._validate_in_memory(X, reset=False)
+        return _block_as(block_fn, np.dtype(Xn.dtype if dtype is None else dtype), Xn, params)
 
     def score_samples(self, X: Any) -> Any:
-        """Log-likelihood ``log p(x)`` of each row: shape (n_samples,) (lazy for Dask/Zarr input)."""
+        """Log-likelihood ``log p(x)`` of each row: shape (n_samples,), lazy for Dask/Zarr input.
+
+        Always float64, as the log-likelihood is accumulated (scikit-learn returns
+        float32 for float32 input).
+        """
         return self._evaluate(X, kernels.score_samples_block, np.float64)
 
     def predict(self, X: Any) -> Any:
@@ -475,8 +572,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return self._evaluate(X, kernels.predict_block, np.int64)
 
     def predict_proba(self, X: Any) -> Any:
-        """Responsibilities: shape (n_samples, K) (lazy for Dask/Zarr input)."""
-        return self._evaluate(X, kernels.predict_proba_block, np.float64, self.n_components)
+        """Responsibilities: shape (n_samples, K), lazy for Dask/Zarr input.
+
+        In the input's dtype: float32 for float32 input (computed in float32, as
+        scikit-learn does), float64 otherwise.
+        """
+        return self._evaluate(X, kernels.predict_proba_block, None, self.n_components)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean log-likelihood per row (computed, also for Dask/Zarr input)."""
@@ -487,12 +588,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def bic(self, X: Any) -> float:
         """Bayesian information criterion on ``X`` (lower is better)."""
-        n = self._n_rows(X)
-        return -2 * self.score(X) * n + self._n_parameters() * np.log(n)
+        return information_criteria(self.score(X), self._n_rows(X), self._n_parameters())[0]
 
     def aic(self, X: Any) -> float:
         """Akaike information criterion on ``X`` (lower is better)."""
-        return -2 * self.score(X) * self._n_rows(X) + 2 * self._n_parameters()
+        return information_criteria(self.score(X), self._n_rows(X), self._n_parameters())[1]
 
     def _n_rows(self, X: Any) -> int:
         if _is_out_of_core(X):
@@ -510,9 +610,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         """
         check_is_fitted(self)
         if n_samples < 1:
-            raise ValueError(
+            raise ParameterError(
                 f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
-                "least one sample."
+                "least one sample.",
+                parameter="n_samples",
             )
         _, n_features = self.means_.shape
         rng = check_random_state(self.random_state)
@@ -562,9 +663,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
 
 def load_model(path: str | os.PathLike[str]) -> GaussianMixture:
-    """Read a model written by `GaussianMixture.save` into a fitted `GaussianMixture`."""
+    """Read a model written by `GaussianMixture.save` into a fitted `GaussianMixture`.
+
+    The hyper-parameters that shape the model are restored; the `RUN_SETTINGS`
+    (``checkpoint_dir``, ``verbose``, ``verbose_interval``, ``chunk_rows``) keep their
+    defaults, so a loaded model refitted on new data starts no other fit's checkpoint.
+    """
     params, attrs = read_model(path)
-    known = GaussianMixture().get_params()
+    known = set(GaussianMixture().get_params()) - set(RUN_SETTINGS)
     hyper = {k: v for k, v in attrs.get("hyper_parameters", {}).items() if k in known}
     hyper["covariance_type"] = params.covariance_type
     hyper["n_components"] = params.n_components

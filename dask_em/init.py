@@ -33,6 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dask_em import kernels
+from dask_em.errors import invalid_parameter
 from dask_em.params import GMMParams, covariance_shape
 from dask_em.passes import Pass, Rows, Steps
 from dask_em.stats import SuffStats, m_step
@@ -210,9 +211,7 @@ def initialize(
     if all(a is not None for a in given):
         return GMMParams.from_precisions(weights_init, means_init, precisions_init, covariance_type)
     if init_params not in INITIALIZERS:
-        raise ValueError(
-            f"Invalid init_params {init_params!r}: use one of {', '.join(INITIALIZERS)}."
-        )
+        raise invalid_parameter("init_params", init_params, f"use one of {', '.join(INITIALIZERS)}")
     found = yield from INITIALIZERS[init_params](
         shape, n_components, covariance_type, reg_covar, seed
     )

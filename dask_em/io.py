@@ -1,9 +1,11 @@
 """Zarr input and output: opening data arrays with clear errors, reading and writing models.
 
 Data arrays are opened lazily as Dask arrays chunked by rows, with all features in one
-chunk. `task_rows` chooses the rows of each Dask chunk (one task per chunk and pass): a
-whole number of the store's row chunks, merged until a task holds enough data that
-per-task scheduling overhead is small next to its computation. Models are Zarr groups with the arrays ``weights``, ``means``,
+chunk. This module owns the rows per task (``chunk_rows``: rows per Dask chunk, one task
+per chunk and pass): `choose_chunk_rows` picks them for any input, a whole number of the
+store's row chunks (``store_chunk_rows``) merged until a task holds enough data that
+per-task scheduling overhead is small next to its computation; `open_array` applies it
+to Zarr input and `row_chunked` to NumPy and Dask input. Models are Zarr groups with the arrays ``weights``, ``means``,
 ``covariances`` and ``precisions_cholesky`` and JSON attributes; nothing is pickled.
 A model is written under a temporary name beside its destination and renamed into
 place when complete, so a crash never leaves a half-written model under the final name.
@@ -28,11 +30,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from dask_em.errors import DataError
+from dask_em.errors import DataError, OutputError, invalid_parameter
 from dask_em.params import COVARIANCE_TYPES, PARAM_ARRAYS, GMMParams, covariance_shape
 
 TASK_TARGET_BYTES = 32 * 2**20
-"""Most input bytes per task when `task_rows` merges small store chunks.
+"""Most input bytes per task when `choose_chunk_rows` merges small store chunks.
 
 A 32 MiB task takes 15-70 ms in the E-step kernel (D = 8), so ~1 ms of scheduling per
 task stays at a few percent; a chunk's memory on a worker is about its input bytes (the
@@ -155,16 +157,15 @@ def _describe(source: Any) -> str:
 
 
 def check_chunk_rows(chunk_rows: Any) -> None:
-    """Raise ValueError unless ``chunk_rows`` is None (automatic) or an integer >= 1."""
+    """Raise ParameterError unless ``chunk_rows`` is None (automatic) or an integer >= 1."""
     is_int = isinstance(chunk_rows, int | np.integer) and not isinstance(chunk_rows, bool)
     if chunk_rows is not None and not (is_int and chunk_rows >= 1):
-        raise ValueError(
-            f"Invalid value for 'chunk_rows': {chunk_rows!r}; use None (automatic) or an "
-            "integer >= 1 (rows per task)."
+        raise invalid_parameter(
+            "chunk_rows", chunk_rows, "use None (automatic) or an integer >= 1 (rows per task)"
         )
 
 
-def task_rows(
+def choose_chunk_rows(
     n_rows: int,
     n_features: int,
     itemsize: int,
@@ -199,7 +200,7 @@ def task_rows(
 
     Raises
     ------
-    ValueError
+    ParameterError
         If ``chunk_rows`` is neither None nor an integer >= 1.
     """
     check_chunk_rows(chunk_rows)
@@ -227,12 +228,12 @@ def open_array(
         Name of the array inside a group.
     chunk_rows : int, optional
         Rows per Dask chunk (task), rounded up to a whole number of store chunks;
-        None chooses with `task_rows`.
+        None chooses with `choose_chunk_rows`.
 
     Returns
     -------
     dask.array.Array of shape (n, D)
-        Row chunks of `task_rows` rows (whole store chunks), features in one chunk.
+        Row chunks of `choose_chunk_rows` rows (whole store chunks), features in one chunk.
 
     Raises
     ------
@@ -261,7 +262,7 @@ def open_array(
             listing = ", ".join(names) if names else "none"
             raise DataError(
                 f"{_describe(source)!r} is a Zarr group; name the array to use with "
-                f"--array NAME (arrays in it: {listing})."
+                f"{{array}}=NAME (arrays in it: {listing})."
             )
         if array not in names:
             raise DataError(
@@ -270,7 +271,10 @@ def open_array(
             )
         node = node[array]
     elif array is not None and isinstance(source, str | os.PathLike):
-        raise DataError(f"{_describe(source)!r} is a Zarr array, not a group; drop --array.")
+        raise DataError(
+            f"{_describe(source)!r} is a Zarr array, not a group; drop {{array}}.",
+            parameter="array",
+        )
     if not isinstance(node, zarr.Array):
         raise DataError(
             f"{_describe(source)!r} is not a Zarr array; pass the path of a Zarr array."
@@ -278,8 +282,31 @@ def open_array(
     _check_node(node, repr(_describe(source)))  # before any chunk is read
     check_data_shape_dtype(node.shape, node.dtype, _describe(source))
     itemsize = 4 if node.dtype == np.float32 else 8  # other dtypes are fitted as float64
-    rows = task_rows(node.shape[0], node.shape[1], itemsize, node.chunks[0], chunk_rows)
+    rows = choose_chunk_rows(node.shape[0], node.shape[1], itemsize, node.chunks[0], chunk_rows)
     return da.from_zarr(node, chunks=(rows, -1))
+
+
+def row_chunked(X: np.ndarray | da.Array, chunk_rows: int | None = None) -> da.Array:
+    """In-memory or Dask data of shape (n, D) as a Dask array of row chunks.
+
+    Parameters
+    ----------
+    X : ndarray or dask.array.Array of shape (n, D)
+    chunk_rows : int, optional
+        Rows per chunk (task). None: a NumPy array is cut with `choose_chunk_rows`, a
+        Dask array keeps its row chunks (features are merged into one chunk later, by
+        `dask_em.reduce.RowData`).
+
+    Returns
+    -------
+    dask.array.Array of shape (n, D)
+    """
+    if isinstance(X, da.Array) and chunk_rows is None:
+        return X
+    rows = choose_chunk_rows(X.shape[0], X.shape[1], X.dtype.itemsize, 1, chunk_rows)
+    if isinstance(X, da.Array):
+        return X.rechunk({0: rows, 1: -1})
+    return da.from_array(X, chunks=(rows, -1))
 
 
 def check_data_shape_dtype(shape: tuple[int, ...], dtype: Any, name: str = "data") -> None:
@@ -310,16 +337,16 @@ def _is_dask_em_output(path: Path) -> bool:
 
 
 def _check_replaceable(dest: Path) -> None:
-    """Raise DataError if ``dest`` exists and is not a dask-em model or output."""
+    """Raise OutputError if ``dest`` exists and is not a dask-em model or output."""
     if dest.exists() and not _is_dask_em_output(dest):
-        raise DataError(
+        raise OutputError(
             f"{os.fspath(dest)!r} exists and was not written by dask-em; refusing to "
             "overwrite it: choose another output path."
         )
 
 
 def check_output(path: str | os.PathLike[str]) -> None:
-    """Raise DataError now if ``path`` exists and was not written by dask-em.
+    """Raise OutputError now if ``path`` exists and was not written by dask-em.
 
     Writers check again when they publish; calling this before a long computation
     refuses a bad output path before the work, not after it.
@@ -356,7 +383,7 @@ def _beside(dest: Path, kind: str) -> Path:
 def _published(dest: Path) -> Iterator[Path]:
     """A temporary path beside ``dest`` to write into, published as ``dest`` at the end.
 
-    Refuses (DataError) a ``dest`` that dask-em did not write, and first clears what
+    Refuses (OutputError) a ``dest`` that dask-em did not write, and first clears what
     killed writers of ``dest`` left (`_clean_leftovers`). When the block ends normally
     the complete temporary is renamed into place (`_publish`); in any case nothing of
     it is left behind.
@@ -484,6 +511,11 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
     try:
         group = zarr.open_group(location, mode="r")
     except (FileNotFoundError, ValueError) as err:
+        if isinstance(err, zarr.errors.ContainsArrayError):
+            raise DataError(
+                f"{location!r} is a Zarr array (data), not a dask-em model; pass the path "
+                "of a model written by GaussianMixture.save."
+            ) from None
         raise DataError(f"{location!r} is not a dask-em model ({type(err).__name__}).") from None
     attrs = dict(group.attrs)
     if attrs.get("format") != MODEL_FORMAT:

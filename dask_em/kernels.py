@@ -424,7 +424,7 @@ def _check_finite(X: np.ndarray, values: np.ndarray, chunk_index: int, row_start
             f"values, the first at row {row_start + int(bad_rows[0])}; clean or drop those "
             "rows before fitting."
         )
-    raise FloatingPointError(
+    raise DataError(
         f"non-finite log-likelihood in chunk {chunk_index}: the data are too far from every "
         "component for the working precision; scale the input data or pass float64."
     )

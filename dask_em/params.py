@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from dask_em.errors import IllDefinedCovarianceError, ParameterError, invalid_parameter
+
 
 @dataclass(frozen=True)
 class CovarianceType:
@@ -106,10 +108,10 @@ ILL_DEFINED_COVARIANCE = (
 
 
 def covariance_kind(covariance_type: str) -> CovarianceType:
-    """The `COVARIANCE` row of ``covariance_type``, or ValueError naming the valid types."""
+    """The `COVARIANCE` row of ``covariance_type``, or ParameterError naming the valid types."""
     if covariance_type not in COVARIANCE:
-        raise ValueError(
-            f"Invalid covariance_type {covariance_type!r}: use one of {', '.join(COVARIANCE_TYPES)}."
+        raise invalid_parameter(
+            "covariance_type", covariance_type, f"use one of {', '.join(COVARIANCE_TYPES)}"
         )
     return COVARIANCE[covariance_type]
 
@@ -135,13 +137,13 @@ def _cholesky_upper_precision(covariance: np.ndarray) -> np.ndarray:
     try:
         cov_chol = linalg.cholesky(covariance, lower=True)
     except linalg.LinAlgError:
-        raise ValueError(ILL_DEFINED_COVARIANCE) from None
+        raise IllDefinedCovarianceError(ILL_DEFINED_COVARIANCE) from None
     # LAPACK's triangular inverse, not solve_triangular(cov_chol, I): the latter goes
     # through multi-threaded BLAS trsm, whose thread wake-ups cost milliseconds per tiny
     # matrix while Dask's threads keep the cores busy (the M-step dominated the fit).
     cov_chol_inv, info = linalg.lapack.dtrtri(cov_chol, lower=1)
     if info != 0:
-        raise ValueError(ILL_DEFINED_COVARIANCE)
+        raise IllDefinedCovarianceError(ILL_DEFINED_COVARIANCE)
     return cov_chol_inv.T
 
 
@@ -161,7 +163,7 @@ def precisions_cholesky_from_covariances(
 
     Raises
     ------
-    ValueError
+    IllDefinedCovarianceError
         If a covariance is not positive definite (the message says what to change).
     """
     covariances = np.asarray(covariances, dtype=np.float64)
@@ -169,7 +171,7 @@ def precisions_cholesky_from_covariances(
         mats = covariances.reshape(-1, *covariances.shape[-2:])
         return np.stack([_cholesky_upper_precision(c) for c in mats]).reshape(covariances.shape)
     if np.any(~(covariances > 0.0)):
-        raise ValueError(ILL_DEFINED_COVARIANCE)
+        raise IllDefinedCovarianceError(ILL_DEFINED_COVARIANCE)
     return 1.0 / np.sqrt(covariances)
 
 
@@ -343,7 +345,7 @@ def check_init_arrays(
 
     Raises
     ------
-    ValueError
+    ParameterError
         On a wrong shape, weights outside [0, 1] or not summing to one, or
         precisions that are not symmetric positive definite.
     """
@@ -351,23 +353,23 @@ def check_init_arrays(
     if weights_init is not None:
         w = np.asarray(weights_init, dtype=np.float64)
         if w.shape != (n_components,):
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter 'weights' should have the shape of ({n_components},), "
                 f"but got {w.shape}."
             )
         if np.any(w < 0.0) or np.any(w > 1.0):
-            raise ValueError(
+            raise ParameterError(
                 "The parameter 'weights' should be in the range [0, 1], but got "
                 f"max value {w.max():.5f}, min value {w.min():.5f}."
             )
         if not np.allclose(np.abs(1.0 - np.sum(w)), 0.0, atol=1e-6):
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter 'weights' should be normalized, but got sum(weights) = {np.sum(w):.5f}."
             )
     if means_init is not None:
         m = np.asarray(means_init, dtype=np.float64)
         if m.shape != (n_components, n_features):
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter 'means' should have the shape of ({n_components}, {n_features}), "
                 f"but got {m.shape}."
             )
@@ -375,17 +377,17 @@ def check_init_arrays(
         p = np.asarray(precisions_init, dtype=np.float64)
         expected = covariance_shape(covariance_type, n_components, n_features)
         if p.shape != expected:
-            raise ValueError(
+            raise ParameterError(
                 f"The parameter '{covariance_type} precision' should have the shape of "
                 f"{expected}, but got {p.shape}."
             )
         if not covariance_kind(covariance_type).matrix:
             if np.any(~(p > 0.0)):
-                raise ValueError(f"'{covariance_type} precision' should be positive.")
+                raise ParameterError(f"'{covariance_type} precision' should be positive.")
         else:
             for mat in p.reshape(-1, n_features, n_features):
                 if not np.allclose(mat, mat.T) or np.any(np.linalg.eigvalsh(mat) <= 0.0):
-                    raise ValueError(
+                    raise ParameterError(
                         f"'{covariance_type} precision' should be symmetric, positive-definite."
                     )
     return w, m, p

@@ -27,7 +27,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed
 
-from dask_em.errors import DataError
+from dask_em.errors import DataError, invalid_parameter
 
 DEFAULT_SPLIT_EVERY = 8
 
@@ -192,8 +192,9 @@ def check_chunk_memory(X: da.Array) -> None:
         f"row chunks of {chunk_bytes / 2**20:.1f} MiB are too large for workers with a "
         f"{limit / 2**20:.0f} MiB memory limit and {nthreads} thread(s) (a task needs about "
         f"{TASK_MEMORY_FACTOR}x its chunk); use smaller chunks of about {rows} rows "
-        f"(dask-em fit --chunk-rows {rows}, which cannot split a store's own chunks; "
-        "Python: rechunk the rows) or give the workers more memory."
+        f"({{chunk_rows}}={rows}, which cannot split a store's own chunks) or give the "
+        "workers more memory ({memory_limit}).",
+        parameter="chunk_rows",
     )
 
 
@@ -222,7 +223,7 @@ class RowData:
         split_every: int = DEFAULT_SPLIT_EVERY,
     ) -> None:
         if split_every < 2:
-            raise ValueError(f"split_every must be at least 2, got {split_every}.")
+            raise invalid_parameter("split_every", split_every, "use an integer >= 2")
         self.X = as_row_chunked(X)
         self.sample_weight = (
             None if sample_weight is None else sample_weight.rechunk((self.X.chunks[0],))

@@ -79,6 +79,25 @@ def empty_components(stats: SuffStats) -> np.ndarray:
     return np.flatnonzero(stats.n < threshold)
 
 
+def empty_weights(weights: np.ndarray, n_samples: int) -> np.ndarray:
+    """Indices of the components of fitted ``weights`` that are empty (`empty_components`).
+
+    A component's weight is its mass over the total weight, so its mass is below
+    `EMPTY_MASS` average rows exactly when its weight is below ``EMPTY_MASS / n_samples``.
+
+    Parameters
+    ----------
+    weights : ndarray of shape (K,)
+    n_samples : int
+        Rows of the data the weights were fitted on.
+
+    Returns
+    -------
+    ndarray of int, shape (m,)
+    """
+    return np.flatnonzero(np.asarray(weights) < EMPTY_MASS / max(1, int(n_samples)))
+
+
 def _average_covariance(params: GMMParams, live: np.ndarray) -> np.ndarray:
     """The covariance of a re-seeded component: weighted mean over the ``live`` components."""
     w = params.weights[live] / params.weights[live].sum()

@@ -25,6 +25,11 @@ import numpy as np
 from dask_em.errors import DataError
 from dask_em.params import GMMParams, covariance_kind, second_moment_shape
 
+ZERO_WEIGHT_SUM = "sample_weight sums to zero; at least one row needs a positive weight."
+"""The message for weights that sum to zero, seen by the estimator (in-memory weights) or
+at the first reduction (lazy weights)."""
+
+
 _EPS = 10.0 * np.finfo(np.float64).eps  # added to n_k exactly as scikit-learn does
 
 
@@ -138,7 +143,7 @@ class SuffStats:
             If the weights sum to zero (lazy weights are only seen here).
         """
         if not self.weight_sum > 0.0:
-            raise DataError("sample_weight sums to zero; at least one row needs a positive weight.")
+            raise DataError(ZERO_WEIGHT_SUM, parameter="sample_weight")
         return self.loglik / self.weight_sum
 
 
@@ -163,7 +168,7 @@ def m_step(
 
     Raises
     ------
-    ValueError
+    IllDefinedCovarianceError
         If a covariance is not positive definite (message says to increase ``reg_covar``).
 
     Notes

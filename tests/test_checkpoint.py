@@ -28,6 +28,7 @@ from dask_em.checkpoint import (
     data_fingerprint,
     discard,
 )
+from dask_em.cli import OPTION_NAMES
 from dask_em.em import EMResult, FitState
 from dask_em.params import COVARIANCE_TYPES, GMMParams, covariance_shape
 
@@ -234,7 +235,8 @@ def test_no_intact_state_raises_checkpoint_damaged(tmp_path: Path) -> None:
     with pytest.raises(CheckpointDamaged) as err:
         Checkpoint(tmp_path / "c", FINGERPRINT).load()
     message = str(err.value)
-    assert "\n" not in message and "--restart" in message
+    assert "\n" not in message and "fit(..., restart=True)" in message
+    assert "--restart" in err.value.render(OPTION_NAMES)  # as the CLI says it
     for n in (1, 2, 3):
         assert f"state-{n:06d}: state.json is unreadable" in message
 

@@ -1,4 +1,4 @@
-"""Rows per task: `dask_em.io.task_rows` and the ``chunk_rows`` option.
+"""Rows per task: `dask_em.io.choose_chunk_rows` and the ``chunk_rows`` option.
 
 - The automatic choice merges whole store chunks up to ``TASK_TARGET_BYTES`` per task,
   keeps store chunks that are already big enough, never cuts a store chunk in two and
@@ -27,7 +27,7 @@ from dask.callbacks import Callback
 
 import dask_em
 from dask_em.checkpoint import CheckpointMismatch
-from dask_em.io import TASK_TARGET_BYTES, open_array, task_rows
+from dask_em.io import TASK_TARGET_BYTES, choose_chunk_rows, open_array, read_model
 
 MiB = 2**20
 PARAMS = ("weights_", "means_", "covariances_", "precisions_cholesky_")
@@ -44,7 +44,7 @@ class TaskCounter(Callback):
         self.count += self.name in str(key)
 
 
-# ------------------------------------------------------------------ task_rows rules
+# ------------------------------------------------------------------ choose_chunk_rows rules
 @pytest.mark.parametrize(
     ("n_rows", "n_features", "itemsize", "store_rows"),
     list(
@@ -59,7 +59,7 @@ class TaskCounter(Callback):
 def test_automatic_rows_are_whole_store_chunks_at_most_the_target(
     n_rows, n_features, itemsize, store_rows
 ):
-    rows = task_rows(n_rows, n_features, itemsize, store_rows)
+    rows = choose_chunk_rows(n_rows, n_features, itemsize, store_rows)
     assert 1 <= rows <= n_rows
     assert rows % store_rows == 0 or rows == n_rows  # no store chunk read by two tasks
     row_bytes = n_features * itemsize
@@ -74,29 +74,29 @@ def test_automatic_rows_are_whole_store_chunks_at_most_the_target(
 
 def test_tiny_store_chunks_are_merged_and_big_ones_kept():
     # 2M x 8 float64 in 2,000-row (125 KiB) chunks: 262 chunks (32 MiB) per task
-    assert task_rows(2_000_000, 8, 8, 2000) == 524_000
-    assert task_rows(2_000_000, 8, 4, 2000) == 1_048_000  # float32: twice the rows
-    assert task_rows(2_000_000, 8, 8, 500_000) == 500_000  # 30.5 MiB: kept
-    assert task_rows(2_000_000, 8, 8, 1_000_000) == 1_000_000  # 61 MiB: kept, not cut
-    assert task_rows(2_000_000, 8, 8, 2_000_000) == 2_000_000
-    assert task_rows(20_000, 3, 8, 130) == 20_000  # small data: one task
-    assert task_rows(2_000_000, 8, 8, 1) == TASK_TARGET_BYTES // 64  # in-memory rows
+    assert choose_chunk_rows(2_000_000, 8, 8, 2000) == 524_000
+    assert choose_chunk_rows(2_000_000, 8, 4, 2000) == 1_048_000  # float32: twice the rows
+    assert choose_chunk_rows(2_000_000, 8, 8, 500_000) == 500_000  # 30.5 MiB: kept
+    assert choose_chunk_rows(2_000_000, 8, 8, 1_000_000) == 1_000_000  # 61 MiB: kept, not cut
+    assert choose_chunk_rows(2_000_000, 8, 8, 2_000_000) == 2_000_000
+    assert choose_chunk_rows(20_000, 3, 8, 130) == 20_000  # small data: one task
+    assert choose_chunk_rows(2_000_000, 8, 8, 1) == TASK_TARGET_BYTES // 64  # in-memory rows
 
 
 def test_explicit_chunk_rows_are_rounded_up_to_whole_store_chunks():
-    assert task_rows(10_000, 8, 8, 500, chunk_rows=1200) == 1500
-    assert task_rows(10_000, 8, 8, 500, chunk_rows=1500) == 1500
-    assert task_rows(10_000, 8, 8, 500, chunk_rows=1) == 500  # never cut a store chunk
-    assert task_rows(10_000, 8, 8, 1, chunk_rows=1234) == 1234  # in-memory: as given
-    assert task_rows(10_000, 8, 8, 500, chunk_rows=10**9) == 10_000  # one task at most
+    assert choose_chunk_rows(10_000, 8, 8, 500, chunk_rows=1200) == 1500
+    assert choose_chunk_rows(10_000, 8, 8, 500, chunk_rows=1500) == 1500
+    assert choose_chunk_rows(10_000, 8, 8, 500, chunk_rows=1) == 500  # never cut a store chunk
+    assert choose_chunk_rows(10_000, 8, 8, 1, chunk_rows=1234) == 1234  # in-memory: as given
+    assert choose_chunk_rows(10_000, 8, 8, 500, chunk_rows=10**9) == 10_000  # one task at most
     # the user's choice is not capped: a task of 10 GiB if asked
-    assert task_rows(10**9, 8, 8, 1000, chunk_rows=10**8 + 1) == 10**8 + 1000
+    assert choose_chunk_rows(10**9, 8, 8, 1000, chunk_rows=10**8 + 1) == 10**8 + 1000
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "100", np.float64(10.0)])
 def test_bad_chunk_rows_are_refused(bad, mixture_zarr):
     with pytest.raises(ValueError, match="chunk_rows.*integer >= 1"):
-        task_rows(1000, 3, 8, 100, chunk_rows=bad)
+        choose_chunk_rows(1000, 3, 8, 100, chunk_rows=bad)
     with pytest.raises(ValueError, match="Invalid value for 'chunk_rows'.*integer >= 1"):
         dask_em.GaussianMixture(2, chunk_rows=bad).fit(mixture_zarr.X)
 
@@ -121,13 +121,18 @@ def test_numpy_and_dask_inputs_follow_chunk_rows(make_mixture):
     assert given._as_dask(Xd, reset=True).chunks == ((1200,) * 4 + (200,), (3,))
 
 
-def test_chunk_rows_is_a_parameter_saved_with_the_model(tmp_path: Path, make_mixture):
+def test_chunk_rows_is_a_run_setting_recorded_with_the_model_not_restored(
+    tmp_path: Path, make_mixture
+):
+    """``chunk_rows`` is a parameter, recorded in the saved model; a loaded model chooses
+    the rows per task of the data it is given (the saved value was tuned to other data)."""
     gm = dask_em.GaussianMixture(2, chunk_rows=321, random_state=0, max_iter=3, tol=0.0)
     assert gm.get_params()["chunk_rows"] == 321
     with pytest.warns(Warning):
         gm.fit(make_mixture(1000, 2, 2))
     gm.save(tmp_path / "m.zarr")
-    assert dask_em.load_model(tmp_path / "m.zarr").chunk_rows == 321
+    assert read_model(tmp_path / "m.zarr")[1]["hyper_parameters"]["chunk_rows"] == 321
+    assert dask_em.load_model(tmp_path / "m.zarr").chunk_rows is None
 
 
 # ------------------------------------------------------------------- fits

@@ -39,6 +39,8 @@ from cli_helpers import (
 
 from dask_em import cluster as cluster_module
 from dask_em import load_model
+from dask_em.cli import OPTION_NAMES
+from dask_em.errors import ClusterError
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 
@@ -237,7 +239,7 @@ def test_tls_options_are_checked_before_connecting(tmp_path: Path) -> None:
     data = write_array(tmp_path / "data.zarr", mixture(100, 2, 2, seed=0))
     fit = ["fit", data, "--n-components", "2", "--output", tmp_path / "m.zarr"]
     cases = {
-        "no-scheduler": ([*fit, *tls], ("--scheduler tls://HOST:PORT",)),
+        "no-scheduler": ([*fit, *tls], ("--scheduler=tls://HOST:PORT",)),
         "no-scheduler-demo": (["demo", "--workdir", tmp_path / "demo", *tls], ("--scheduler",)),
         "missing-file": (
             [*fit, "--scheduler", "tls://127.0.0.1:1", "--tls-ca-file", tmp_path / "nope.pem",
@@ -271,13 +273,15 @@ def test_handshake_failures_name_the_certificate_to_fix(
 ) -> None:
     """The texts distributed gives for a failed TLS handshake (whether the scheduler's
     alert or its closing the connection reaches the client first is a race, so the
-    cluster test above may see either) each map to a message naming the option to fix."""
+    cluster test above may see either) each map to a message naming the option to fix
+    (the library's message template, rendered with the CLI's option names)."""
     from distributed.comm.core import FatalCommClosedError
 
     with_certificates = object()  # only whether TLS options were given matters here
-    message = cluster_module._connect_failure(
+    template = cluster_module._connect_failure(
         FatalCommClosedError(text), "tls://h:1", with_certificates
     )
+    message = ClusterError(template).render(OPTION_NAMES)
     assert message.startswith(
         "cannot connect to the Dask scheduler at tls://h:1: the TLS handshake failed"
     )

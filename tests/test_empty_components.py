@@ -49,6 +49,7 @@ MAX_ITER = 300
 N = 400
 FAR = np.array([1e6, 1e6])
 RESEED = re.compile(r"iteration (\d+).*re-seeded empty component (\d+) .* row (\d+)")
+ENDED_EMPTY = re.compile(r"(\d+) of (\d+) components ended empty \(component\(s\) ([\d, ]+) hold")
 
 
 def two_clusters(seed: int) -> np.ndarray:
@@ -88,13 +89,19 @@ def log_density(
 def fit_recording(
     X: da.Array | str, **params: object
 ) -> tuple[dask_em.GaussianMixture, list[tuple[int, int, int]]]:
-    """A dask-em fit and its re-seeds as (iteration, component, row), from the warnings."""
+    """A dask-em fit and its re-seeds as (iteration, component, row), from the warnings.
+
+    The fit's `ENDED_EMPTY` warning, if any, is kept in ``gm.ended_empty_warnings``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gm = dask_em.GaussianMixture(**params).fit(X)
     reseeds = []
+    gm.ended_empty_warnings = []  # type: ignore[attr-defined]
     for w in caught:
         if issubclass(w.category, EmptyComponentWarning):
+            if ENDED_EMPTY.search(str(w.message)):
+                gm.ended_empty_warnings.append(str(w.message))  # type: ignore[attr-defined]
+                continue
             match = RESEED.search(str(w.message))
             assert match, w.message
             reseeds.append(tuple(int(g) for g in match.groups()))
@@ -192,6 +199,19 @@ def test_more_components_than_distinct_points_never_loop_or_give_nan(
     on_a_point = distance <= 1e-6
     assert np.all(on_a_point | (dm.weights_ <= 1e-14)), (dm.means_, dm.weights_)
     assert np.count_nonzero(on_a_point) >= 3
+    # the components left empty are named in one warning at the end of the fit
+    empty = np.flatnonzero(dm.weights_ <= 1e-14)
+    assert empty.size >= 1
+    [warned] = dm.ended_empty_warnings
+    count, total, listed = ENDED_EMPTY.search(warned).groups()
+    assert (int(count), int(total)) == (empty.size, 5)
+    assert [int(c) for c in listed.split(",")] == empty.tolist()
+
+
+def test_no_ended_empty_warning_when_every_component_holds_data(tmp_path: Path) -> None:
+    X = two_clusters(seed=3)
+    gm, _ = fit_recording(X, n_components=2, tol=TOL, max_iter=MAX_ITER, random_state=0)
+    assert gm.ended_empty_warnings == [] and np.all(gm.weights_ > 0.1)
 
 
 def test_squarem_reseeds_the_same_component_and_ends_valid(tmp_path: Path) -> None:

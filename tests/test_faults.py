@@ -335,7 +335,7 @@ def test_chunks_too_large_for_the_memory_limit_fail_fast_suggesting_chunk_rows(
         "--quiet",
     )
     line = assert_usage_error(result, "36.6 MiB", "100 MiB memory limit", "--chunk-rows")
-    rows = int(line.split("--chunk-rows ")[1].split(",")[0].split()[0])
+    rows = int(line.split("--chunk-rows=")[1].split(",")[0].split()[0])
     assert 0 < rows * 8 * 8 * 3 <= 100 * 2**20 / 2
     assert not (tmp_path / "m.zarr").exists()
 

@@ -14,7 +14,7 @@ import zarr
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 import dask_em
-from dask_em.errors import DataError
+from dask_em.errors import DataError, OutputError
 from dask_em.params import COVARIANCE_TYPES
 
 FITTED = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
@@ -84,10 +84,10 @@ def test_saving_over_a_path_dask_em_did_not_write_is_refused(mixture_zarr, tmp_p
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    with pytest.raises(DataError, match="refusing to overwrite"):
+    with pytest.raises(OutputError, match="refusing to overwrite"):
         gm.save(foreign)
     assert (foreign / "keep.txt").read_text() == "mine"
-    with pytest.raises(DataError, match="refusing to overwrite"):
+    with pytest.raises(OutputError, match="refusing to overwrite"):
         gm.save(mixture_zarr.path)  # a data array is not a model either
 
 
