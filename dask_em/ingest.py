@@ -186,15 +186,24 @@ def _feature_columns(pa: Any, schema: Any, columns: Sequence[str] | None, where:
     return list(columns)
 
 
-def _batches(unit: _Unit, query: str | None) -> tuple[Any, Iterator[Any], str]:
-    """(schema, record batches, description) of one partition, streamed."""
+def _batches(
+    unit: _Unit, query: str | None
+) -> tuple[Any, Callable[[list[str]], Iterator[Any]], str]:
+    """The schema of one partition, a function streaming its record batches (with the
+    given columns at least), and how messages name it."""
     pa, _, pq = _arrow()
     if query is None:
-        files = [pq.ParquetFile(f) for f in unit.files]
+        try:
+            files = [pq.ParquetFile(f, pre_buffer=False) for f in unit.files]
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"partition {unit.name!r}: {_first_line(err)}") from None
 
-        def parquet() -> Iterator[Any]:
-            for f in files:
-                yield from f.iter_batches(batch_size=BATCH_ROWS)
+        def parquet(names: list[str]) -> Iterator[Any]:
+            for f, name in zip(files, unit.files, strict=True):
+                try:
+                    yield from f.iter_batches(batch_size=BATCH_ROWS, columns=names)
+                except (pa.ArrowException, OSError) as err:
+                    raise DataError(f"cannot read {name!r}: {_first_line(err)}") from None
 
         schema = files[0].schema_arrow
         for f, name in zip(files[1:], unit.files[1:], strict=True):
@@ -204,9 +213,15 @@ def _batches(unit: _Unit, query: str | None) -> tuple[Any, Iterator[Any], str]:
                     f"({os.path.basename(unit.files[0])!r} and {os.path.basename(name)!r}); "
                     "rewrite them with one schema or select columns with a query."
                 )
-        return schema, parquet(), f"partition {unit.name!r}"
+        return schema, parquet, f"partition {unit.name!r}"
     duckdb = _duckdb()
     con = duckdb.connect()
+
+    def failed(err: Exception) -> ParameterError:
+        return ParameterError(
+            f"query failed on partition {unit.name!r}: {_first_line(err)}", parameter="query"
+        )
+
     try:
         if unit.files:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in unit.files)
@@ -223,11 +238,21 @@ def _batches(unit: _Unit, query: str | None) -> tuple[Any, Iterator[Any], str]:
         reader = getattr(rel, "to_arrow_reader", None) or rel.fetch_arrow_reader
         batches = reader(BATCH_ROWS)
     except duckdb.Error as err:
-        first = str(err).strip().splitlines()[0]
-        raise ParameterError(
-            f"query failed on partition {unit.name!r}: {first}", parameter="query"
-        ) from None
-    return batches.schema, iter(batches), f"the query's result on partition {unit.name!r}"
+        raise failed(err) from None
+
+    def stream(names: list[str]) -> Iterator[Any]:
+        try:
+            yield from batches
+        except (duckdb.Error, pa.ArrowException) as err:  # errors found while running
+            raise failed(err) from None
+        finally:
+            con.close()
+
+    return batches.schema, stream, f"the query's result on partition {unit.name!r}"
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 @dataclass
@@ -267,7 +292,7 @@ def _blocks(
 
     def generate() -> Iterator[np.ndarray]:
         refused = False
-        for batch in batches:
+        for batch in batches(names):
             block = convert(batch)
             finite = np.isfinite(block)
             if finite.all():
@@ -492,17 +517,24 @@ class _Writer:
             os.replace(staged[index], target / "0")
         os.replace(self.staging / "zarr.json", self.out / "zarr.json")
 
-    def commit_swap(self) -> None:
-        """Make the staging array, completed with the store's earlier chunks, the store."""
+    def commit_swap(self) -> int:
+        """Make the staging array, completed with the store's earlier chunks, the store.
+
+        Returns a descriptor of the new store holding its lock (taken before the swap),
+        for the caller to close when done.
+        """
         for index, path in _chunk_files(self.out).items():
             if index < self.first_chunk:
                 target = self.staging / "c" / str(index)
                 target.mkdir(parents=True, exist_ok=True)
                 os.link(path, target / "0")
+        fd = os.open(self.staging, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows this directory yet
         old = _beside(self.out, "old")
         os.replace(self.out, old)
         os.replace(self.staging, self.out)
         shutil.rmtree(old, ignore_errors=True)
+        return fd
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -628,11 +660,13 @@ def ingest(
         names, _, _ = _blocks(units[0], query, columns, dt, missing)
         chunk = chunk_rows or max(1, CHUNK_TARGET_BYTES // (len(names) * dt.itemsize))
         _create(out, names, dt, int(chunk))
+    locks: list[int] = []  # descriptors locking the versions of ``out`` swapped in
     with _locked(out):
         try:
             return _ingest_locked(
                 units,
                 out,
+                locks,
                 columns,
                 query,
                 missing,
@@ -646,11 +680,15 @@ def ingest(
             if created and not _record(zarr.open_array(str(out), mode="r"))["partitions"]:
                 shutil.rmtree(out)  # the empty store this call made: leave nothing
             raise
+        finally:
+            for fd in locks:
+                os.close(fd)
 
 
 def _ingest_locked(
     units: list[_Unit],
     out: Path,
+    locks: list[int],
     columns: Sequence[str] | None,
     query: str | None,
     missing: str,
@@ -660,6 +698,8 @@ def _ingest_locked(
     progress: Progress | None,
     began: float,
 ) -> dict[str, Any]:
+    """The work of `ingest` once ``out`` exists and is locked (same parameters; ``locks``
+    collects the lock descriptors of the versions a replacement swaps in)."""
     store = zarr.open_array(str(out), mode="r")
     record = _check_record(out, store)
     names = list(record["columns"])
@@ -753,7 +793,7 @@ def _ingest_locked(
         }
         return writer, entry
 
-    for unit, _ in changed:
+    for unit, _ in changed:  # each replaced version keeps the lock: in ``locks``
         current = _record(zarr.open_array(str(out), mode="r"))
         parts = current["partitions"]
         at = next(i for i, p in enumerate(parts) if p["name"] == unit.name)
@@ -767,7 +807,7 @@ def _ingest_locked(
                     writer.add(committed[lo : min(lo + writer.chunk_rows, p["row_stop"])])
                 later.append(dict(shifted, row_stop=writer.rows))
             writer.finish(dict(current, partitions=[*parts[:at], entry, *later]))
-            writer.commit_swap()
+            locks.append(writer.commit_swap())
         finally:
             writer.discard()
         messages.append(
