@@ -527,7 +527,10 @@ class _Writer:
             if index < self.first_chunk:
                 target = self.staging / "c" / str(index)
                 target.mkdir(parents=True, exist_ok=True)
-                os.link(path, target / "0")
+                try:
+                    os.link(path, target / "0")  # chunk files are replaced, never modified
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(path, target / "0")
         fd = os.open(self.staging, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows this directory yet
         old = _beside(self.out, "old")

@@ -8,6 +8,8 @@ subprocess before each of its renames into the store) against the store before t
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +23,7 @@ import zarr
 from cli_helpers import snapshot
 
 from dask_em import GaussianMixture
-from dask_em.errors import DataError, ParameterError
+from dask_em.errors import DataError, OutputError, ParameterError
 from dask_em.ingest import ATTRIBUTE, ingest
 from dask_em.io import open_array
 
@@ -201,6 +203,36 @@ def test_query_runs_per_partition_over_the_view_source(warehouse: Path, tmp_path
         chunk_rows=CHUNK,
     )
     assert np.array_equal(open_array(out).compute(), duckdb_rows(warehouse, "i1 > 0"))
+
+
+def test_a_store_another_ingest_is_writing_is_refused(warehouse: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data.zarr"
+    ingest(warehouse, out, missing="drop", chunk_rows=CHUNK, partition=f"dt={DATES[0]}")
+    before = snapshot(out)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a running ingest holds it
+        with pytest.raises(OutputError, match="another ingest is writing"):
+            ingest(warehouse, out, missing="drop")
+    finally:
+        os.close(fd)
+    assert snapshot(out) == before
+
+
+def test_unreadable_parquet_and_foreign_outputs_are_refused_in_one_line(
+    warehouse: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="bad.parquet") as err:
+        ingest(bad, tmp_path / "bad.zarr")
+    assert "\n" not in str(err.value) and not (tmp_path / "bad.zarr").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a store written by dask-em ingest"):
+        ingest(warehouse, foreign, missing="drop")
+    assert snapshot(foreign) == {"notes.txt": b"mine"}
 
 
 KILLER = textwrap.dedent(
