@@ -596,7 +596,8 @@ def ingest(
     dtype : {"float64", "float32"}, optional
         Stored dtype; default float64 for a new store, the store's when appending.
     chunk_rows : int, optional
-        Rows per store chunk of a new store (default: about 8 MiB chunks).
+        Rows per store chunk of a new store (default: the largest power of two whose
+        chunk takes at most `CHUNK_TARGET_BYTES`, 65,536 rows for 16 float64 features).
     progress : callable, optional
         Called with a dict (``rows``, ``partitions``, ``partitions_total``, ``partition``,
         ``seconds``, ``rows_per_s``) after every chunk written and every partition.
@@ -661,7 +662,8 @@ def ingest(
     if created:
         dt = np.dtype(dtype or "float64")
         names, _, _ = _blocks(units[0], query, columns, dt, missing)
-        chunk = chunk_rows or max(1, CHUNK_TARGET_BYTES // (len(names) * dt.itemsize))
+        fit = max(1, CHUNK_TARGET_BYTES // (len(names) * dt.itemsize))
+        chunk = chunk_rows or 1 << (fit.bit_length() - 1)  # a power of two, <= 8 MiB
         _create(out, names, dt, int(chunk))
     locks: list[int] = []  # descriptors locking the versions of ``out`` swapped in
     with _locked(out):
