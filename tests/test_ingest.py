@@ -205,6 +205,40 @@ def test_query_runs_per_partition_over_the_view_source(warehouse: Path, tmp_path
     assert np.array_equal(open_array(out).compute(), duckdb_rows(warehouse, "i1 > 0"))
 
 
+def test_float32_store_keeps_its_layout_on_append(warehouse: Path, tmp_path: Path) -> None:
+    out = tmp_path / "data.zarr"
+    first = f"dt={DATES[0]}"
+    ingest(warehouse, out, partition=first, missing="drop", dtype="float32", chunk_rows=CHUNK)
+    X = open_array(out).compute()
+    assert X.dtype == np.float32
+    assert np.array_equal(X, duckdb_rows(warehouse, f"dt = '{DATES[0]}'").astype(np.float32))
+    before = snapshot(out)
+    for wrong, fragment in [
+        ({"dtype": "float64"}, "holds float32"),
+        ({"columns": ["f1", "f2"]}, "holds the columns"),
+        ({"chunk_rows": CHUNK + 1}, f"chunks of {CHUNK} rows"),
+    ]:
+        with pytest.raises(ParameterError, match=fragment):
+            ingest(warehouse, out, missing="drop", **wrong)
+    assert snapshot(out) == before
+    ingest(warehouse, out, missing="drop")  # the store's dtype and columns by default
+    assert open_array(out).shape[0] == len(duckdb_rows(warehouse))
+
+
+def test_a_query_without_source_is_one_named_partition_and_decimals_are_numeric(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "data.zarr"
+    query = "SELECT (i / 4)::DECIMAL(10, 2) AS d, i AS n, 'x' AS s FROM range(10) t(i)"
+    summary = ingest(None, out, query=query, partition="batch-1")
+    assert summary["columns"] == ["d", "n"]
+    assert [p["name"] for p in summary["partitions"]] == ["batch-1"]
+    expected = np.column_stack([np.round(np.arange(10) / 4, 2), np.arange(10)])
+    assert np.array_equal(open_array(out).compute(), expected)
+    with pytest.raises(ParameterError, match="query failed on partition 'query'"):
+        ingest(None, tmp_path / "other.zarr", query="SELECT * FROM no_such_table")
+
+
 def test_a_store_another_ingest_is_writing_is_refused(warehouse: Path, tmp_path: Path) -> None:
     out = tmp_path / "data.zarr"
     ingest(warehouse, out, missing="drop", chunk_rows=CHUNK, partition=f"dt={DATES[0]}")
