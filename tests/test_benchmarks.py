@@ -73,3 +73,11 @@ def test_out_of_core_reports_memory_and_spill() -> None:
 def test_chunking_compares_task_sizes() -> None:
     out = run("chunking.py")
     assert re.search(r"^\s+auto\s", out, re.MULTILINE), out
+
+
+def test_ingest_compares_routes_on_the_same_rows() -> None:
+    out = run("ingest.py")
+    routes = re.findall(r"^(\S.*?)\s+[\d.]+\s+[\d,]+\s+\d+ MiB\s+\d+ MiB$", out, re.MULTILINE)
+    assert routes[:2] == ["dask-em ingest", "dask-em ingest --query"], out
+    assert "dask.dataframe -> to_zarr" in routes, out
+    assert "DIFFER" not in out and out.count("column sums agree") == len(routes), out
