@@ -463,7 +463,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         params = self._params()
         if _is_out_of_core(X):
             return map_rows(self._as_dask(X, reset=False), block_fn, params, dtype, n_cols)
-        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        # NaN/inf rows are refused by the kernel, naming the first (as for Dask input)
+        X = validate_data(
+            self, X, dtype=[np.float64, np.float32], reset=False, ensure_all_finite=False
+        )
         return block_fn(X, params)
 
     def score_samples(self, X: Any) -> Any:
