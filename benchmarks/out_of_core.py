@@ -54,7 +54,7 @@ def generate(path: str, rows: int, features: int, components: int, chunk_rows: i
     truth = true_params(components, features, 0)
     X = from_blocks(mixture_rows, row_chunks(rows, chunk_rows), features, np.float64, truth, 0)
     began = time.perf_counter()
-    store_array(X, path, {"generator": "benchmarks/out_of_core.py"})
+    store_array(X, path, {"generator": "benchmarks/out_of_core.py"}, kind="data")
     return time.perf_counter() - began
 
 

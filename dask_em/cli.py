@@ -28,13 +28,27 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 
 from dask_em import __version__
-from dask_em.checkpoint import LOCK, MANIFEST, Checkpoint, checkpoint_lock, discard
+from dask_em.checkpoint import (
+    LOCK,
+    MANIFEST,
+    Checkpoint,
+    check_checkpoint_dir,
+    checkpoint_lock,
+    discard,
+)
 from dask_em.cluster import connect, tls_security
 from dask_em.datasets import mixture_labels, mixture_rows, true_params
 from dask_em.errors import DataError, EmptyComponentWarning
 from dask_em.estimator import GaussianMixture, load_model
 from dask_em.init import INITIALIZERS
-from dask_em.io import check_output, open_array, read_model, store_array
+from dask_em.io import (
+    check_destination,
+    check_output,
+    model_bytes,
+    open_array,
+    read_model,
+    store_array,
+)
 from dask_em.params import COVARIANCE_TYPES, ILL_DEFINED_COVARIANCE, GMMParams, n_parameters
 from dask_em.reduce import from_blocks, row_chunks
 
@@ -141,7 +155,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def _print_json(value: dict[str, Any]) -> None:
-    print(json.dumps(value, indent=2, default=_json_default))
+    print(json.dumps(value, indent=2, default=_json_default, allow_nan=False))
 
 
 def _json_default(value: Any) -> Any:
@@ -168,7 +182,8 @@ def generate(
     store_array(
         X,
         path,
-        {
+        kind="data",
+        attrs={
             "generator": "dask-em generate",
             "seed": seed,
             "true_weights": params.weights.tolist(),
@@ -259,7 +274,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
             f"{args.n_components}; use fewer components or more data."
         )
-    check_output(args.output)
+    check_output(args.output, "model", [args.data])
+    size = model_bytes(args.n_components, X.shape[1], args.covariance_type)
+    check_destination(args.output, size)
+    if args.checkpoint_dir:
+        check_checkpoint_dir(args.checkpoint_dir, args.n_init, size)
     if args.restart and not args.checkpoint_dir:
         raise DataError("--restart discards a checkpoint: give --checkpoint-dir too.")
     # held from the discarding of --restart to the end (the fit takes it again, re-entrantly)
@@ -302,7 +321,8 @@ def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     gm, X = _model_and_data(args)
-    check_output(args.output)
+    check_output(args.output, "predictions", [args.model, args.data])
+    check_destination(args.output)
     with _cluster(args):
         start = time.perf_counter()
         out = gm.predict_proba(X) if args.proba else gm.predict(X)
@@ -310,6 +330,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             out,
             args.output,
             {"model": str(args.model), "kind": "predict_proba" if args.proba else "predict"},
+            kind="predictions",
+            inputs=[args.model, args.data],
         )
     _say(
         args,
@@ -327,9 +349,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     p = n_parameters(gm.n_components, int(gm.n_features_in_), gm.covariance_type)
     _print_json(
         {
-            "mean_log_likelihood": mean,
-            "bic": -2 * mean * n + p * math.log(n),
-            "aic": -2 * mean * n + 2 * p,
+            "mean_log_likelihood": _finite(mean),
+            "bic": _finite(-2 * mean * n + p * math.log(n)),
+            "aic": _finite(-2 * mean * n + 2 * p),
             "n_samples": n,
         }
     )
@@ -448,7 +470,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         gm.save(model)
         t2 = time.perf_counter()
         X = open_array(str(data))
-        store_array(gm.predict(X), labels, {"model": str(model), "kind": "predict"})
+        store_array(
+            gm.predict(X),
+            labels,
+            {"model": str(model), "kind": "predict"},
+            kind="predictions",
+            inputs=[model, data],
+        )
         order = _match(truth.means, gm.means_)
         relabel = np.empty(k, dtype=np.int64)
         relabel[order] = np.arange(k)
