@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,9 @@ MODEL_FORMAT = "dask-em-model"
 MODEL_FORMAT_VERSION = 2
 """2: the model path is a group pointing to its current immutable version subgroup;
 1 (still read): the arrays and attributes at the model path itself."""
+MODEL_GRACE_SECONDS = 30.0
+"""How long a replaced model version stays readable (beyond the previous version, which
+is always kept): a reader that resolved it has this long to finish its read."""
 MODEL_READ_ATTEMPTS = 10
 """Times `read_model` resolves the version pointer again when the version it was
 reading was removed meanwhile (the model was republished twice during the read)."""
@@ -654,19 +658,31 @@ def _write_pointer(root: Path, current: str, previous: str | None) -> None:
 
 
 def _remove_old_versions(root: Path, keep_from: int) -> None:
-    """Remove versions numbered below ``keep_from`` (and what dead writers left).
+    """Remove versions numbered below ``keep_from`` that were replaced more than
+    `MODEL_GRACE_SECONDS` ago (and what dead writers left).
 
-    Each is first renamed to a hidden ``.trash-…`` name, so a reader still reading it
-    sees it gone and reads again (`read_model`); then deleted.
+    A version stopped being current when the next one was published (renamed into
+    place: its ``ctime``). Each removed version is first renamed to a hidden
+    ``.trash-…`` name, so a reader still reading it sees it gone and reads again
+    (`read_model`); then deleted.
     """
-    for sequence, name in _versions(root):
-        if sequence < keep_from:
-            trash = root / f".trash-{uuid.uuid4().hex}"
-            try:
-                os.replace(root / name, trash)
-            except OSError:
-                continue  # another writer removed it first
-            shutil.rmtree(trash, ignore_errors=True)
+    versions = _versions(root)
+    now = time.time()
+    for (sequence, name), (_, successor) in zip(versions, versions[1:], strict=False):
+        if sequence >= keep_from:
+            break
+        try:
+            replaced_at = os.stat(root / successor).st_ctime
+        except OSError:
+            continue
+        if now - replaced_at < MODEL_GRACE_SECONDS:
+            break  # later versions were replaced later still
+        trash = root / f".trash-{uuid.uuid4().hex}"
+        try:
+            os.replace(root / name, trash)
+        except OSError:
+            continue  # another writer removed it first
+        shutil.rmtree(trash, ignore_errors=True)
     pattern = re.compile(rf"^\.(v|zarr\.json)\.tmp-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{32}}$")
     for p in root.iterdir():
         match = pattern.match(p.name)
@@ -690,7 +706,8 @@ def write_model(
     written under a hidden name, renamed to its final name, and only then is the
     pointer (the group's ``zarr.json``) replaced with ``os.replace``: a reader resolving
     the pointer once reads either the old model or the new one, whole. The previous
-    version is kept for readers still reading it; older ones are removed. A path that
+    version is kept for readers still reading it, and older ones until
+    `MODEL_GRACE_SECONDS` after they were replaced; then they are removed. A path that
     does not hold a version-2 model yet (new, or an earlier format) is written whole
     under a temporary name and renamed into place.
 
