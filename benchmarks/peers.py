@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         # same rows with Zarr's default codec (Zstandard), which decodes more slowly.
         store, zstd_store = os.path.join(tmp, "data.zarr"), os.path.join(tmp, "zstd.zarr")
         blocks = da.from_array(X, chunks=(min(250_000, shape["n"]), -1))
-        store_array(blocks, store)
+        store_array(blocks, store, kind="data")
         blocks.to_zarr(zstd_store)
         raw_store = os.path.join(tmp, "raw.zarr")
         blocks.to_zarr(raw_store, compressors=None)

@@ -42,6 +42,7 @@ import numpy as np
 
 from dask_em.em import EMResult, FitState
 from dask_em.errors import CheckpointError
+from dask_em.io import destination_problem
 from dask_em.params import PARAM_ARRAYS, GMMParams
 
 FORMAT = "dask-em-checkpoint"
@@ -56,6 +57,15 @@ class CheckpointMismatch(CheckpointError):
 
 class CheckpointDamaged(CheckpointError):
     """No committed state of the checkpoint is intact."""
+
+
+def _checkpoint_write_failed(directory: Path, err: OSError) -> CheckpointError:
+    """The one-line CheckpointError for an OSError met while writing a checkpoint."""
+    return CheckpointError(
+        f"cannot write the checkpoint {os.fspath(directory)!r}: {err.strerror or err}"
+        f"{f' ({err.filename})' if err.filename else ''}; free space or choose another "
+        "{checkpoint_dir}."
+    )
 
 
 def content_hash(*arrays: np.ndarray) -> str:
@@ -152,7 +162,21 @@ class Checkpoint:
 
     # ------------------------------------------------------------------- save
     def save(self, state: FitState, n_passes: int) -> None:
-        """Write ``state`` as the newest committed state, atomically."""
+        """Write ``state`` as the newest committed state, atomically.
+
+        Raises
+        ------
+        CheckpointError
+            If writing fails (read-only or full file system); the previous committed
+            state stays intact and the temporary files are removed.
+        """
+        try:
+            self._save(state, n_passes)
+        except OSError as err:
+            self._prune(self._committed_names())  # what this save left half-written
+            raise _checkpoint_write_failed(self.directory, err) from None
+
+    def _save(self, state: FitState, n_passes: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._sequence is None:
             self._sequence = max(self._state_numbers(), default=0)
@@ -239,6 +263,8 @@ class Checkpoint:
         return [str(s) for s in manifest["states"]]
 
     def _prune(self, keep: list[str]) -> None:
+        if not self.directory.is_dir():
+            return
         for p in self.directory.iterdir():
             if p.name.startswith((".tmp-", f".{MANIFEST}.tmp-")) or (
                 p.name.startswith("state-") and p.name not in keep
@@ -246,7 +272,10 @@ class Checkpoint:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
-                    p.unlink(missing_ok=True)
+                    try:
+                        p.unlink(missing_ok=True)
+                    except OSError:
+                        pass  # a read-only file system: nothing to clean
 
     # ------------------------------------------------------------------- load
     def load(self, check_fingerprint: bool = True) -> Loaded | None:
@@ -267,6 +296,11 @@ class Checkpoint:
         """
         if not self.directory.exists():
             return None
+        if not self.directory.is_dir():
+            raise CheckpointError(
+                f"{os.fspath(self.directory)!r} is a regular file, not a directory; "
+                "choose another {checkpoint_dir}."
+            )
         names = self._committed_names()
         if not names:
             if any(self.directory.iterdir()) and not (self.directory / MANIFEST).exists():
@@ -436,7 +470,12 @@ def discard(directory: str | os.PathLike[str]) -> None:
                 p.unlink()
 
 
-def check_available(directory: str | os.PathLike[str], restart: bool = False) -> None:
+def check_available(
+    directory: str | os.PathLike[str],
+    restart: bool = False,
+    n_runs: int = 1,
+    params_bytes: int = 0,
+) -> None:
     """Refuse now a checkpoint directory that a fit could not use at this moment.
 
     Lets a caller fail before a long setup (the CLI: before starting a cluster); the fit
@@ -447,14 +486,27 @@ def check_available(directory: str | os.PathLike[str], restart: bool = False) ->
     directory : str or path
     restart : bool, default False
         Also refuse what `discard` would: a directory holding anything but a checkpoint.
+    n_runs : int, default 1
+        Initializations whose parameters each state holds.
+    params_bytes : int, default 0
+        Bytes of one run's parameters: the free space needed is that of `KEEP_STATES`
+        + 1 states (`dask_em.io.destination_problem`).
 
     Raises
     ------
+    CheckpointError
+        If the directory cannot be written: a regular file under that name, a parent
+        that is a file, a read-only file system, too little free space.
     CheckpointLocked
         If another fit holds the directory's lock.
     CheckpointDamaged
         (``restart``) Naming the first entry that is not part of a checkpoint.
     """
+    problem = destination_problem(directory, (KEEP_STATES + 1) * n_runs * params_bytes)
+    if problem is not None:
+        raise CheckpointError(
+            f"cannot use the checkpoint directory: {problem}; choose another {{checkpoint_dir}}."
+        )
     if restart and Path(directory).exists():
         _checkpoint_entries(Path(directory))
     with checkpoint_lock(directory):
@@ -707,17 +759,31 @@ def checkpoint_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
                 "use another {checkpoint_dir}."
             )
         if held is None:
+            if path.exists() and not path.is_dir():
+                raise CheckpointError(
+                    f"{os.fspath(path)!r} is a regular file, not a directory; "
+                    "choose another {checkpoint_dir}."
+                )
             created = not path.exists()
-            path.mkdir(parents=True, exist_ok=True)
             try:
+                path.mkdir(parents=True, exist_ok=True)
                 fd = _try_lock(path / LOCK)
-            except CheckpointLocked:
+            except (CheckpointLocked, OSError) as err:
                 if created:
                     _remove_if_empty(path)
+                if isinstance(err, OSError):
+                    raise _checkpoint_write_failed(path, err) from None
                 raise
+            try:
+                _write_owner(fd, path / LOCK)
+            except OSError as err:  # a full disk: never leave the lock file behind
+                (path / LOCK).unlink(missing_ok=True)
+                os.close(fd)
+                if created:
+                    _remove_if_empty(path)
+                raise _checkpoint_write_failed(path, err) from None
             held = _Held(fd, threading.get_ident(), 0, created)
             _held[path] = held
-            _write_owner(fd, path / LOCK)
         held.depth += 1
     try:
         yield

@@ -42,7 +42,14 @@ from dask_em.errors import (
 )
 from dask_em.estimator import GaussianMixture, information_criteria, load_model
 from dask_em.init import INITIALIZERS
-from dask_em.io import check_output, open_array, read_model, store_array
+from dask_em.io import (
+    check_destination,
+    check_output,
+    model_bytes,
+    open_array,
+    read_model,
+    store_array,
+)
 from dask_em.params import COVARIANCE_TYPES, n_parameters
 
 DEMO_SIZE = {"n_samples": 2_000_000, "n_features": 8, "n_components": 5}
@@ -181,7 +188,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def _print_json(value: dict[str, Any]) -> None:
-    print(json.dumps(value, indent=2, default=_json_default))
+    print(json.dumps(value, indent=2, default=_json_default, allow_nan=False))
 
 
 def _json_default(value: Any) -> Any:
@@ -261,9 +268,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
             f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
             f"{args.n_components}; use fewer components or more data."
         )
-    check_output(args.output)
+    check_output(args.output, "model", [args.data])
+    size = model_bytes(args.n_components, X.shape[1], args.covariance_type)
+    check_destination(args.output, size)
     if args.checkpoint_dir:
-        check_available(args.checkpoint_dir, restart=args.restart)
+        check_available(args.checkpoint_dir, args.restart, args.n_init, size)
     gm = GaussianMixture(
         args.n_components,
         covariance_type=args.covariance_type,
@@ -311,7 +320,8 @@ def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     gm, X = _model_and_data(args)
-    check_output(args.output)
+    check_output(args.output, "predictions", [args.model, args.data])
+    check_destination(args.output)
     with _cluster(args):
         start = time.perf_counter()
         out = gm.predict_proba(X) if args.proba else gm.predict(X)
@@ -319,6 +329,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             out,
             args.output,
             {"model": str(args.model), "kind": "predict_proba" if args.proba else "predict"},
+            kind="predictions",
+            inputs=[args.model, args.data],
         )
     _say(
         args,
@@ -335,7 +347,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     n = int(X.shape[0])
     p = n_parameters(gm.n_components, int(gm.n_features_in_), gm.covariance_type)
     bic, aic = information_criteria(mean, n, p)
-    _print_json({"mean_log_likelihood": mean, "bic": bic, "aic": aic, "n_samples": n})
+    _print_json(
+        {
+            "mean_log_likelihood": _finite(mean),
+            "bic": _finite(bic),
+            "aic": _finite(aic),
+            "n_samples": n,
+        }
+    )
     return 0
 
 
@@ -399,7 +418,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fit_seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=True)
         gm.save(model)
         t2 = time.perf_counter()
-        store_array(gm.predict(X), labels, {"model": str(model), "kind": "predict"})
+        store_array(
+            gm.predict(X),
+            labels,
+            {"model": str(model), "kind": "predict"},
+            kind="predictions",
+            inputs=[model, data],
+        )
         order = _match(truth.means, gm.means_)
         relabel = np.empty(k, dtype=np.int64)
         relabel[order] = np.arange(k)

@@ -57,7 +57,8 @@ def generate(
     store_array(
         X,
         path,
-        {
+        kind="data",
+        attrs={
             "generator": "dask-em generate",
             "seed": seed,
             "true_weights": params.weights.tolist(),

@@ -74,9 +74,12 @@ def information_criteria(
     return total + n_parameters * float(np.log(n_samples)), total + 2.0 * n_parameters
 
 
-def _block_as(block_fn: Any, dtype: np.dtype, X: np.ndarray, params: GMMParams) -> np.ndarray:
-    """``block_fn(X, params)`` as ``dtype`` (the dtype the estimator promises)."""
-    return np.asarray(block_fn(X, params), dtype=dtype)
+def _block_as(
+    block_fn: Any, dtype: np.dtype, X: np.ndarray, params: GMMParams, *where: int
+) -> np.ndarray:
+    """``block_fn(X, params, *where)`` as ``dtype`` (the dtype the estimator promises);
+    ``where`` is the block's ``(chunk_index, row_start)`` under `dask_em.reduce.map_rows`."""
+    return np.asarray(block_fn(X, params, *where), dtype=dtype)
 
 
 def _is_out_of_core(X: Any) -> bool:
@@ -270,8 +273,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             return row_chunked(X, self.chunk_rows)
         return row_chunked(self._validate_in_memory(X, reset=reset), self.chunk_rows)
 
-    def _validate_in_memory(self, X: Any, *, reset: bool) -> np.ndarray:
+    def _validate_in_memory(self, X: Any, *, reset: bool, finite: bool = True) -> np.ndarray:
         """In-memory input as a float NumPy array (scikit-learn's checks and messages).
+
+        ``finite=False`` lets NaN/inf through, for the kernels to refuse naming the row.
 
         An array of another array-API library is converted with ``numpy.from_dlpack``
         (CPU arrays); the checks then run without array-API dispatch, whose namespace
@@ -288,7 +293,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 ) from None
         with sklearn.config_context(array_api_dispatch=False):
             return validate_data(
-                self, X, dtype=[np.float64, np.float32], reset=reset, ensure_min_samples=1
+                self,
+                X,
+                dtype=[np.float64, np.float32],
+                reset=reset,
+                ensure_min_samples=1,
+                ensure_all_finite=finite,
             )
 
     def _check_n_features(self, n_features: int, *, reset: bool) -> None:
@@ -556,7 +566,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             Xd = self._as_dask(X, reset=False)
             out = np.dtype(Xd.dtype if dtype is None else dtype)
             return map_rows(Xd, partial(_block_as, block_fn, out), params, out, n_cols)
-        Xn = self._validate_in_memory(X, reset=False)
+        # NaN/inf rows are refused by the kernel, naming the first (as for Dask input)
+        Xn = self._validate_in_memory(X, reset=False, finite=False)
         return _block_as(block_fn, np.dtype(Xn.dtype if dtype is None else dtype), Xn, params)
 
     def score_samples(self, X: Any) -> Any:

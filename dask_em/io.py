@@ -7,20 +7,28 @@ store's row chunks (``store_chunk_rows``) merged until a task holds enough data 
 per-task scheduling overhead is small next to its computation; `open_array` applies it
 to Zarr input and `row_chunked` to NumPy and Dask input. Models are Zarr groups with the arrays ``weights``, ``means``,
 ``covariances`` and ``precisions_cholesky`` and JSON attributes; nothing is pickled.
-A model is written under a temporary name beside its destination and renamed into
-place when complete, so a crash never leaves a half-written model under the final name.
+A model is published as one immutable version at a time (`write_model`: the model
+path points to its current version, the pointer replaced last and atomically), so a
+reader sees the old model or the new one whole, never a mix; it is validated when read.
+Other outputs are written under a temporary name beside their destination and renamed
+into place when complete. An output replaces only an earlier dask-em output of the same
+kind, and never an input of the command (`check_output`). Data and model chunks are read
+strictly (`dask_em.store`): a missing or undecodable chunk is an error naming it.
 Arrays that dask-em writes (generated data, predictions) use `ARRAY_COMPRESSORS`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,10 +36,18 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
+from dask.base import tokenize
 from zarr.codecs import BloscCodec
 
 from dask_em.errors import DataError, OutputError, invalid_parameter
-from dask_em.params import COVARIANCE_TYPES, PARAM_ARRAYS, GMMParams, covariance_shape
+from dask_em.params import (
+    COVARIANCE_TYPES,
+    PARAM_ARRAYS,
+    GMMParams,
+    covariance_shape,
+    validate_params,
+)
+from dask_em.store import WRITE_EVERY_CHUNK, StrictArray, check_chunks_present
 
 TASK_TARGET_BYTES = 32 * 2**20
 """Most input bytes per task when `choose_chunk_rows` merges small store chunks.
@@ -42,7 +58,18 @@ kernel works in small blocks), far under a 512 MiB worker memory limit.
 """
 
 MODEL_FORMAT = "dask-em-model"
-MODEL_FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 2
+"""2: the model path is a group pointing to its current immutable version subgroup;
+1 (still read): the arrays and attributes at the model path itself."""
+MODEL_GRACE_SECONDS = 30.0
+"""How long a replaced model version stays readable (beyond the previous version, which
+is always kept): a reader that resolved it has this long to finish its read."""
+MODEL_READ_ATTEMPTS = 10
+"""Times `read_model` resolves the version pointer again when the version it was
+reading was removed meanwhile (the model was republished twice during the read)."""
+OUTPUT_KINDS = ("model", "predictions", "data")
+"""What dask-em writes: models, predictions (labels or responsibilities) and generated
+data. An output replaces only an earlier dask-em output of the same kind."""
 
 ARRAY_COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),)
 """Compression of the data and prediction arrays that dask-em writes: Blosc LZ4 with byte
@@ -238,8 +265,10 @@ def open_array(
     Raises
     ------
     DataError
-        Missing path, not a Zarr array, a group without ``array``, or an array that is
-        not 2-D numeric with at least one row; the message says what to change.
+        Missing path, not a Zarr array, a group without ``array``, an array that is
+        not 2-D numeric with at least one row, or a store missing one of its chunks
+        (`dask_em.store.check_chunks_present`); the message says what to change. A chunk
+        that fails to decode raises DataError naming it when a task reads it.
     """
     node: Any = source
     if isinstance(source, str | os.PathLike):
@@ -281,9 +310,11 @@ def open_array(
         )
     _check_node(node, repr(_describe(source)))  # before any chunk is read
     check_data_shape_dtype(node.shape, node.dtype, _describe(source))
+    check_chunks_present(node, repr(_describe(source)))
     itemsize = 4 if node.dtype == np.float32 else 8  # other dtypes are fitted as float64
     rows = choose_chunk_rows(node.shape[0], node.shape[1], itemsize, node.chunks[0], chunk_rows)
-    return da.from_zarr(node, chunks=(rows, -1))
+    name = "from-zarr-" + tokenize(node, rows)
+    return da.from_array(StrictArray(node), chunks=(rows, -1), name=name, inline_array=False)
 
 
 def row_chunked(X: np.ndarray | da.Array, chunk_rows: int | None = None) -> da.Array:
@@ -328,40 +359,98 @@ def check_data_shape_dtype(shape: tuple[int, ...], dtype: Any, name: str = "data
         )
 
 
-def _is_dask_em_output(path: Path) -> bool:
+def output_kind(path: str | os.PathLike[str]) -> str | None:
+    """The kind (one of `OUTPUT_KINDS`) of the dask-em output at ``path``, else None.
+
+    Outputs carry ``dask_em_output: KIND``; earlier ones carried ``true`` and are told
+    apart by their other attributes (a model's ``format``, predictions' ``kind``).
+    """
     try:
-        attrs = zarr.open(str(path), mode="r").attrs
-    except Exception:  # anything unreadable is not ours
+        attrs = zarr.open(os.fspath(path), mode="r").attrs
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return None
+    marker = attrs.get("dask_em_output")
+    if marker in OUTPUT_KINDS:
+        return str(marker)
+    if attrs.get("format") == MODEL_FORMAT:
+        return "model"
+    if marker is True:
+        return "data" if "generator" in attrs else "predictions"
+    return None
+
+
+def _resolved(path: str | os.PathLike[str]) -> str:
+    location = os.fspath(path)
+    return location.rstrip("/") if "://" in location else os.path.realpath(location)
+
+
+def _overlaps(output: str | os.PathLike[str], source: str | os.PathLike[str]) -> bool:
+    """Whether writing ``output`` would replace or write into ``source`` (or contain it)."""
+    out, src = _resolved(output), _resolved(source)
+    if out == src or out.startswith(src.rstrip("/") + "/") or src.startswith(out + "/"):
+        return True
+    try:
+        return os.path.samefile(out, src)  # hard links, bind mounts
+    except OSError:
         return False
-    return attrs.get("format") == MODEL_FORMAT or "dask_em_output" in attrs
 
 
-def _check_replaceable(dest: Path) -> None:
-    """Raise OutputError if ``dest`` exists and is not a dask-em model or output."""
-    if dest.exists() and not _is_dask_em_output(dest):
+def check_output(
+    path: str | os.PathLike[str],
+    kind: str,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> None:
+    """Raise OutputError now if writing ``path`` would destroy anything it must not.
+
+    ``path`` may be new, or an earlier dask-em output of the same ``kind``; it must
+    never be, contain or lie inside one of the command's ``inputs`` (compared by
+    resolved path and file identity). Writers check again when they publish; calling
+    this before a long computation refuses a bad output path before the work.
+
+    Parameters
+    ----------
+    path : str or path
+    kind : {'model', 'predictions', 'data'}
+    inputs : sequence of str or path
+        What the command reads (data, and a model read by ``predict``).
+
+    Raises
+    ------
+    OutputError
+        Naming the path and what is in the way.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"unknown output kind {kind!r}; use one of {', '.join(OUTPUT_KINDS)}.")
+    location = os.fspath(path)
+    for source in inputs:
+        if _overlaps(location, source):
+            raise OutputError(
+                f"the output {location!r} is the input {os.fspath(source)!r} (or holds it, "
+                "or lies inside it); refusing to overwrite an input: choose another output path."
+            )
+    if not os.path.exists(location):
+        return
+    found = output_kind(location)
+    if found is None:
         raise OutputError(
-            f"{os.fspath(dest)!r} exists and was not written by dask-em; refusing to "
+            f"{location!r} exists and was not written by dask-em; refusing to "
             "overwrite it: choose another output path."
+        )
+    if found != kind:
+        raise OutputError(
+            f"{location!r} holds dask-em {found}, not {kind}; refusing to replace it "
+            f"with {kind}: choose another output path."
         )
 
 
-def check_output(path: str | os.PathLike[str]) -> None:
-    """Raise OutputError now if ``path`` exists and was not written by dask-em.
-
-    Writers check again when they publish; calling this before a long computation
-    refuses a bad output path before the work, not after it.
-    """
-    _check_replaceable(Path(path))
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    """Move the complete ``tmp`` to ``dest``, replacing an earlier dask-em output there.
+def _publish(tmp: Path, dest: Path, kind: str, inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Move the complete ``tmp`` to ``dest``, replacing an earlier output of ``kind`` there.
 
     The earlier output is first renamed aside (``.NAME.old-…``); a writer killed
     between the two renames leaves it there, and the next write of ``dest`` puts it
     back (`_clean_leftovers`) before replacing it.
     """
-    _check_replaceable(dest)
+    check_output(dest, kind, inputs)
     old = None
     if dest.exists():
         old = _beside(dest, "old")
@@ -379,24 +468,96 @@ def _beside(dest: Path, kind: str) -> Path:
     return dest.with_name(f".{dest.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
 
 
+def write_failed(path: str | os.PathLike[str], err: OSError) -> OutputError:
+    """The one-line OutputError for an OSError met while writing the output ``path``."""
+    reason = err.strerror or errno.errorcode.get(err.errno or 0) or str(err)
+    return OutputError(
+        f"cannot write the output {os.fspath(path)!r}: {reason}"
+        f"{f' ({err.filename})' if err.filename else ''}; free space, fix the permissions, "
+        "or choose another output path."
+    )
+
+
 @contextmanager
-def _published(dest: Path) -> Iterator[Path]:
+def _published(
+    dest: Path, kind: str, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Iterator[Path]:
     """A temporary path beside ``dest`` to write into, published as ``dest`` at the end.
 
-    Refuses (OutputError) a ``dest`` that dask-em did not write, and first clears what
-    killed writers of ``dest`` left (`_clean_leftovers`). When the block ends normally
-    the complete temporary is renamed into place (`_publish`); in any case nothing of
-    it is left behind.
+    Refuses (OutputError, `check_output`) a ``dest`` that is an input or not an earlier
+    output of ``kind``, and first clears what killed writers of ``dest`` left
+    (`_clean_leftovers`). When the block ends normally the complete temporary is renamed
+    into place (`_publish`); in any case nothing of it is left behind. An OSError while
+    writing or publishing (read-only or full file system) becomes an OutputError.
     """
-    _check_replaceable(dest)
-    _clean_leftovers(dest)
+    check_output(dest, kind, inputs)
     tmp = _beside(dest, "tmp")
     try:
+        _clean_leftovers(dest)
         yield tmp
-        _publish(tmp, dest)
+        _publish(tmp, dest, kind, inputs)
+    except OSError as err:
+        raise write_failed(dest, err) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_bytes(n_components: int, n_features: int, covariance_type: str) -> int:
+    """Bytes a model of this size needs on disk, uncompressed, with its metadata."""
+    cov = int(np.prod(covariance_shape(covariance_type, n_components, n_features)))
+    return 8 * (n_components * (1 + n_features) + 2 * cov) + 64 * 1024
+
+
+def destination_problem(path: str | os.PathLike[str], expected_bytes: int = 0) -> str | None:
+    """Why ``path`` cannot be written now (a directory to create or replace), else None.
+
+    Checks, before any work: no regular file stands where a directory is needed (the
+    path itself or one of its parents), the nearest existing directory (and ``path``
+    itself if it is one) accepts a new file, and its file system has ``expected_bytes``
+    free (`shutil.disk_usage`). Local paths only (a URL is left to its writer).
+
+    Returns
+    -------
+    str or None
+        One clause naming the problem and the errno text, for a message.
+    """
+    location = os.fspath(path)
+    if "://" in location:
+        return None
+    target = Path(location).absolute()
+    if target.exists() and not target.is_dir():
+        return f"{location!r} is a regular file, not a directory"
+    probe = target.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{os.fspath(probe)!r} is a regular file, not a directory"
+    for where in ([target] if target.is_dir() else []) + [probe]:
+        try:
+            fd, name = tempfile.mkstemp(prefix=".dask-em-probe-", dir=where)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as err:
+            return f"{os.fspath(where)!r} cannot be written ({err.strerror or err})"
+    free = shutil.disk_usage(probe).free
+    if free < expected_bytes:
+        return (
+            f"{os.fspath(probe)!r} has {free / 2**20:.1f} MiB free, and writing "
+            f"{location!r} needs about {expected_bytes / 2**20:.1f} MiB"
+        )
+    return None
+
+
+def check_destination(path: str | os.PathLike[str], expected_bytes: int = 0) -> None:
+    """Raise OutputError now if the output ``path`` cannot be written (`destination_problem`).
+
+    Called before a long computation, so an unwritable or full destination fails
+    before the work instead of after it.
+    """
+    problem = destination_problem(path, expected_bytes)
+    if problem is not None:
+        raise OutputError(f"cannot write the output: {problem}; choose another output path.")
 
 
 def _process_alive(pid: int) -> bool:
@@ -426,7 +587,7 @@ def _clean_leftovers(dest: Path) -> list[str]:
         match = pattern.match(path.name)
         if match is None or _process_alive(int(match.group(2))):
             continue
-        if match.group(1) == "old" and not dest.exists() and _is_dask_em_output(path):
+        if match.group(1) == "old" and not dest.exists() and output_kind(path) is not None:
             os.replace(path, dest)
             done.append(f"restored the earlier {dest.name} from {path.name}")
         else:
@@ -436,12 +597,18 @@ def _clean_leftovers(dest: Path) -> list[str]:
 
 
 def store_array(
-    X: da.Array, path: str | os.PathLike[str], attrs: dict[str, Any] | None = None
+    X: da.Array,
+    path: str | os.PathLike[str],
+    attrs: dict[str, Any] | None = None,
+    *,
+    kind: str,
+    inputs: Sequence[str | os.PathLike[str]] = (),
 ) -> None:
     """Compute a lazy array chunk by chunk into a Zarr array, published atomically.
 
     Written under a temporary name beside ``path`` and renamed into place when every
-    chunk is written, so no half-written array ever appears under ``path``.
+    chunk is written, so no half-written array ever appears under ``path``. Every chunk
+    is stored (`dask_em.store.WRITE_EVERY_CHUNK`), compressed with `ARRAY_COMPRESSORS`.
 
     Parameters
     ----------
@@ -449,99 +616,293 @@ def store_array(
         Chunks must be regular (equal but the last) along each axis.
     path : str or path
     attrs : dict, optional
-        JSON attributes; ``dask_em_output`` is always added.
+        JSON attributes; ``dask_em_output: kind`` is always added.
+    kind : {'predictions', 'data'}
+        What the array is: it replaces only an earlier output of this kind.
+    inputs : sequence of str or path
+        What the computation reads; ``path`` must not be, hold or lie inside any of them.
 
-    Chunks are compressed with `ARRAY_COMPRESSORS`.
+    Raises
+    ------
+    OutputError
+        If ``path`` must not be written (`check_output`) or writing fails (OSError).
     """
-    with _published(Path(path)) as tmp:
-        da.to_zarr(X, str(tmp), compute=True, compressors=list(ARRAY_COMPRESSORS))
+    with _published(Path(path), kind, inputs) as tmp:
+        da.to_zarr(
+            X, str(tmp), compute=True, compressors=list(ARRAY_COMPRESSORS), config=WRITE_EVERY_CHUNK
+        )
         group_attrs = zarr.open_array(str(tmp), mode="r+").attrs
-        group_attrs.update({"dask_em_output": True, **(attrs or {})})
+        group_attrs.update({**(attrs or {}), "dask_em_output": kind})
 
 
 def _json_float(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def write_model(path: str | os.PathLike[str], params: GMMParams, attrs: dict[str, Any]) -> None:
-    """Write a model as a Zarr group, atomically (temporary name, then rename).
+_VERSION = re.compile(r"^v-(\d{8})-[0-9a-f]{32}$")
+"""Name of a published model version: ``v-SEQUENCE-UUID``."""
+
+
+def _versions(root: Path) -> list[tuple[int, str]]:
+    """``(sequence, name)`` of the published versions under a model path, oldest first."""
+    found = []
+    for p in root.iterdir() if root.is_dir() else ():
+        match = _VERSION.match(p.name)
+        if match:
+            found.append((int(match.group(1)), p.name))
+    return sorted(found)
+
+
+def _write_version(path: Path, params: GMMParams, attrs: dict[str, Any]) -> None:
+    """Write one complete, self-contained model version group at ``path``."""
+    group = zarr.open_group(str(path), mode="w")
+    for name in PARAM_ARRAYS:
+        group.create_array(
+            name,
+            data=np.asarray(getattr(params, name), dtype=np.float64),
+            config=WRITE_EVERY_CHUNK,
+        )
+    group.attrs.update(attrs)
+
+
+def _write_pointer(root: Path, current: str, previous: str | None) -> None:
+    """Replace the model group's metadata (the pointer to ``current``) atomically."""
+    meta = {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "dask_em_output": "model",
+            "current": current,
+            "previous": previous,
+        },
+    }
+    tmp = root / f".zarr.json.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / "zarr.json")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_old_versions(root: Path, keep_from: int) -> None:
+    """Remove versions numbered below ``keep_from`` that were replaced more than
+    `MODEL_GRACE_SECONDS` ago (and what dead writers left).
+
+    A version stopped being current when the next one was published (renamed into
+    place: its ``ctime``). Each removed version is first renamed to a hidden
+    ``.trash-…`` name, so a reader still reading it sees it gone and reads again
+    (`read_model`); then deleted.
+    """
+    versions = _versions(root)
+    now = time.time()
+    for (sequence, name), (_, successor) in zip(versions, versions[1:], strict=False):
+        if sequence >= keep_from:
+            break
+        try:
+            replaced_at = os.stat(root / successor).st_ctime
+        except OSError:
+            continue
+        if now - replaced_at < MODEL_GRACE_SECONDS:
+            break  # later versions were replaced later still
+        trash = root / f".trash-{uuid.uuid4().hex}"
+        try:
+            os.replace(root / name, trash)
+        except OSError:
+            continue  # another writer removed it first
+        shutil.rmtree(trash, ignore_errors=True)
+    pattern = re.compile(rf"^\.(v|zarr\.json)\.tmp-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{32}}$")
+    for p in root.iterdir():
+        match = pattern.match(p.name)
+        if p.name.startswith(".trash-") or (match and not _process_alive(int(match.group(2)))):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def write_model(
+    path: str | os.PathLike[str],
+    params: GMMParams,
+    attrs: dict[str, Any],
+    inputs: Sequence[str | os.PathLike[str]] = (),
+) -> None:
+    """Publish a model at ``path`` as one new immutable version (format version 2).
+
+    The model path is a Zarr group whose attributes point to its ``current`` version,
+    a complete subgroup ``v-SEQUENCE-UUID`` (arrays and attributes). A new version is
+    written under a hidden name, renamed to its final name, and only then is the
+    pointer (the group's ``zarr.json``) replaced with ``os.replace``: a reader resolving
+    the pointer once reads either the old model or the new one, whole. The previous
+    version is kept for readers still reading it, and older ones until
+    `MODEL_GRACE_SECONDS` after they were replaced; then they are removed. A path that
+    does not hold a version-2 model yet (new, or an earlier format) is written whole
+    under a temporary name and renamed into place.
 
     Parameters
     ----------
     path : str or path
-        Destination directory; replaced if it exists.
+        Destination; must be new or an earlier dask-em model (`check_output`).
     params : GMMParams
     attrs : dict
         JSON-serializable attributes (non-finite floats are stored as null).
+    inputs : sequence of str or path
+        What produced the model reads; ``path`` must not be any of them.
+
+    Raises
+    ------
+    OutputError
+        If ``path`` must not be written, or writing fails (OSError).
     """
-    with _published(Path(path)) as tmp:
-        group = zarr.open_group(str(tmp), mode="w")
-        for name in PARAM_ARRAYS:
-            group.create_array(name, data=np.asarray(getattr(params, name), dtype=np.float64))
-        clean = {k: (_json_float(v) if isinstance(v, float) else v) for k, v in attrs.items()}
-        group.attrs.update(
-            {
-                "format": MODEL_FORMAT,
-                "format_version": MODEL_FORMAT_VERSION,
-                "covariance_type": params.covariance_type,
-                "n_components": params.n_components,
-                "n_features": params.n_features,
-                **clean,
-            }
-        )
+    clean = {k: (_json_float(v) if isinstance(v, float) else v) for k, v in attrs.items()}
+    version_attrs = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "covariance_type": params.covariance_type,
+        "n_components": params.n_components,
+        "n_features": params.n_features,
+        **clean,
+    }
+    root = Path(path)
+    pointer = _read_pointer(root) if root.is_dir() else None
+    if pointer is None:  # a new path, or a model of format version 1: publish whole
+        with _published(root, "model", inputs) as tmp:
+            name = f"v-{1:08d}-{uuid.uuid4().hex}"
+            _write_version(tmp / name, params, version_attrs)
+            _write_pointer(tmp, name, None)
+        return
+    check_output(root, "model", inputs)
+    sequence = max((n for n, _ in _versions(root)), default=0) + 1
+    name = f"v-{sequence:08d}-{uuid.uuid4().hex}"
+    staging = root / f".v.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        _write_version(staging, params, version_attrs)
+        os.replace(staging, root / name)
+        _write_pointer(root, name, pointer)
+        previous = _VERSION.match(pointer)
+        _remove_old_versions(root, int(previous.group(1)) if previous else sequence)
+    except OSError as err:
+        raise write_failed(root, err) from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _read_pointer(root: Path) -> str | None:
+    """The ``current`` version named by a version-2 model group, else None."""
+    try:
+        attrs = json.loads((root / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    current = attrs.get("current") if isinstance(attrs, dict) else None
+    if attrs.get("format") != MODEL_FORMAT or not isinstance(current, str):
+        return None
+    return current if _VERSION.match(current) else None
+
+
+def model_version_path(path: str | os.PathLike[str]) -> Path:
+    """The group holding a model's arrays: its current version (format 2) or itself (1)."""
+    root = Path(path)
+    current = _read_pointer(root)
+    return root / current if current is not None else root
 
 
 def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]:
-    """Read a model written by `write_model`.
+    """Read one whole version of a model written by `write_model`, and validate it.
+
+    Resolves the version pointer once and reads that version; if the version was
+    removed during the read (the model was republished twice meanwhile), resolves the
+    pointer again, at most `MODEL_READ_ATTEMPTS` times. Models of format version 1
+    (arrays at the model path) are read too.
 
     Returns
     -------
     params : GMMParams
+        Checked by `dask_em.params.validate_params`.
     attrs : dict
+        The version's attributes.
 
     Raises
     ------
     DataError
-        If ``path`` is not a dask-em model of a known format version, or its arrays
-        are inconsistent.
+        If ``path`` is not a dask-em model of a known format version, its arrays are
+        missing, damaged or of inconsistent shapes, or its parameters are not a valid
+        mixture (the message names the first violation).
     """
     location = os.fspath(path)
     if not os.path.exists(location):
         raise DataError(f"no such model: {location!r}; check the model path.")
-    try:
-        group = zarr.open_group(location, mode="r")
-    except (FileNotFoundError, ValueError) as err:
-        if isinstance(err, zarr.errors.ContainsArrayError):
+    for _ in range(MODEL_READ_ATTEMPTS):
+        try:
+            group = zarr.open_group(location, mode="r")
+        except (FileNotFoundError, ValueError) as err:
+            if isinstance(err, zarr.errors.ContainsArrayError):
+                raise DataError(
+                    f"{location!r} is a Zarr array (data), not a dask-em model; pass the path "
+                    "of a model written by GaussianMixture.save."
+                ) from None
             raise DataError(
-                f"{location!r} is a Zarr array (data), not a dask-em model; pass the path "
-                "of a model written by GaussianMixture.save."
+                f"{location!r} is not a dask-em model ({type(err).__name__})."
             ) from None
-        raise DataError(f"{location!r} is not a dask-em model ({type(err).__name__}).") from None
-    attrs = dict(group.attrs)
-    if attrs.get("format") != MODEL_FORMAT:
-        raise DataError(
-            f"{location!r} is not a dask-em model (no 'format: {MODEL_FORMAT}' attribute)."
-        )
-    if attrs.get("format_version") != MODEL_FORMAT_VERSION:
-        raise DataError(
-            f"{location!r} has model format version {attrs.get('format_version')!r}; this "
-            f"dask-em reads version {MODEL_FORMAT_VERSION}: upgrade dask-em or refit."
-        )
+        attrs = dict(group.attrs)
+        if attrs.get("format") != MODEL_FORMAT:
+            raise DataError(
+                f"{location!r} is not a dask-em model (no 'format: {MODEL_FORMAT}' attribute)."
+            )
+        if attrs.get("format_version") == 1:
+            return _read_model_group(Path(location), location, attrs)
+        if attrs.get("format_version") != MODEL_FORMAT_VERSION:
+            raise DataError(
+                f"{location!r} has model format version {attrs.get('format_version')!r}; this "
+                f"dask-em reads versions 1 and {MODEL_FORMAT_VERSION}: upgrade dask-em or refit."
+            )
+        current = attrs.get("current")
+        if not isinstance(current, str) or not _VERSION.match(current):
+            raise DataError(f"{location!r} names no valid current version; the model is damaged.")
+        version = Path(location) / current
+        try:
+            group_attrs = dict(zarr.open_group(str(version), mode="r").attrs)
+            result = _read_model_group(version, location, group_attrs)
+        except (DataError, FileNotFoundError, KeyError, ValueError):
+            if version.is_dir():
+                raise
+            continue  # removed by a later writer while being read: resolve again
+        if version.is_dir():  # still published: every read happened before any removal
+            return result
+    raise DataError(
+        f"{location!r} was republished {MODEL_READ_ATTEMPTS} times while being read; "
+        "read it again when its writer is done."
+    )
+
+
+def _read_model_group(
+    group_path: Path, location: str, attrs: dict[str, Any]
+) -> tuple[GMMParams, dict[str, Any]]:
+    """The parameters of the model group at ``group_path`` (``location`` names it)."""
     cov_type = attrs.get("covariance_type")
     if cov_type not in COVARIANCE_TYPES:
         raise DataError(f"{location!r} has an unknown covariance_type {cov_type!r}.")
     for name in PARAM_ARRAYS:  # before Zarr parses any array's metadata
-        _check_stored_metadata(Path(location) / name, f"the model array {location}/{name}")
+        _check_stored_metadata(group_path / name, f"the model array {location}/{name}")
+    group = zarr.open_group(str(group_path), mode="r")
     arrays = {}
     for name in PARAM_ARRAYS:
         if name not in group.array_keys():
             raise DataError(f"{location!r} lacks the array {name!r}; the model is incomplete.")
-        _check_node(group[name], f"the model array {location}/{name}")  # before reading it
-        arrays[name] = np.asarray(group[name][...], dtype=np.float64)
-    k, d = arrays["means"].shape
+        node = group[name]
+        _check_node(node, f"the model array {location}/{name}")  # before reading it
+        check_chunks_present(node, f"the model array {location}/{name}")
+        whole = tuple(slice(None) for _ in node.shape)
+        arrays[name] = np.asarray(StrictArray(node)[whole], dtype=np.float64)
+    k, d = arrays["means"].shape if arrays["means"].ndim == 2 else (0, 0)
     expected = covariance_shape(cov_type, k, d)
     if (
-        arrays["weights"].shape != (k,)
+        arrays["means"].ndim != 2
+        or arrays["weights"].shape != (k,)
         or arrays["covariances"].shape != expected
         or (arrays["precisions_cholesky"].shape != expected)
     ):
@@ -553,4 +914,8 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
         arrays["precisions_cholesky"],
         cov_type,
     )
+    try:
+        validate_params(params)
+    except DataError as err:
+        raise DataError(f"{location!r} is not a valid model: {err}") from None
     return params, attrs

@@ -696,16 +696,52 @@ def closest_count_chunk(
     return np.bincount(label, weights=w, minlength=centers.shape[0]).astype(np.float64)
 
 
-def score_samples_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
-    """``log p(x_i)`` for each row: shape (n,)."""
-    return log_prob_resp(X, params)[0]
+def _check_rows_finite(X: np.ndarray, norm: np.ndarray, chunk_index: int, row_start: int) -> None:
+    """Raise DataError naming the first row of ``X`` with NaN or inf (if ``norm`` shows one).
+
+    Only rows with a non-finite log-likelihood ``norm`` can hold one, so finite chunks
+    cost one check of ``norm``.
+    """
+    if np.all(np.isfinite(norm)):
+        return
+    bad_rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if bad_rows.size:
+        raise DataError(
+            f"chunk {chunk_index} contains {bad_rows.size} row(s) with NaN or infinite "
+            f"values, the first at row {row_start + int(bad_rows[0])}; clean or drop those "
+            "rows first."
+        )
 
 
-def predict_proba_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
-    """Responsibilities ``p(k | x_i)``: shape (n, K)."""
-    return np.exp(log_prob_resp(X, params)[1])
+def _checked_log_prob_resp(
+    X: np.ndarray, params: GMMParams, chunk_index: int, row_start: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`log_prob_resp` of rows that are all finite (DataError naming the first that is not)."""
+    with np.errstate(invalid="ignore", over="ignore"):  # a bad row is reported below
+        norm, log_resp = log_prob_resp(X, params)
+    _check_rows_finite(X, norm, chunk_index, row_start)
+    return norm, log_resp
 
 
-def predict_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
-    """Most probable component of each row: shape (n,), int64."""
-    return np.argmax(log_prob_resp(X, params)[1], axis=1).astype(np.int64)
+def score_samples_block(
+    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+) -> np.ndarray:
+    """``log p(x_i)`` for each row: shape (n,). DataError on a NaN or infinite row
+    (``chunk_index`` and ``row_start``, the global index of ``X[0]``, name it)."""
+    return _checked_log_prob_resp(X, params, chunk_index, row_start)[0]
+
+
+def predict_proba_block(
+    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+) -> np.ndarray:
+    """Responsibilities ``p(k | x_i)``: shape (n, K). DataError on a NaN or infinite row."""
+    return np.exp(_checked_log_prob_resp(X, params, chunk_index, row_start)[1])
+
+
+def predict_block(
+    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+) -> np.ndarray:
+    """Most probable component of each row: shape (n,), int64. DataError on a NaN or
+    infinite row."""
+    log_resp = _checked_log_prob_resp(X, params, chunk_index, row_start)[1]
+    return np.argmax(log_resp, axis=1).astype(np.int64)

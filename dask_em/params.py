@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
-from dask_em.errors import IllDefinedCovarianceError, ParameterError, invalid_parameter
+from dask_em.errors import DataError, IllDefinedCovarianceError, ParameterError, invalid_parameter
 
 
 @dataclass(frozen=True)
@@ -327,6 +327,83 @@ class GMMParams:
             The precision Cholesky factors are left out: they follow from the covariances.
         """
         return np.concatenate([self.weights, self.means.ravel(), self.covariances.ravel()])
+
+
+MODEL_RTOL = 1e-6
+"""Relative tolerance of `validate_params`: on the weights' sum, and on the residuals of
+the covariance checks, each relative to the size of the terms it sums (so the checks do
+not depend on the data's scale or conditioning)."""
+
+
+def _first(bad: np.ndarray) -> str:
+    """The index of the first True of ``bad``, as text (``3`` or ``(3, 1)``)."""
+    index = np.argwhere(bad)[0]
+    return str(int(index[0])) if index.size == 1 else str(tuple(int(i) for i in index))
+
+
+def validate_params(params: GMMParams) -> None:
+    """Raise DataError naming the first way ``params`` is not a valid Gaussian mixture.
+
+    Checks, in order: weights finite, non-negative and summing to 1 (within
+    `MODEL_RTOL`); means finite; covariances and precision Cholesky factors finite;
+    covariances symmetric and positive definite; ``precisions_cholesky`` upper
+    triangular (full, tied) and consistent with the covariances. With ``L`` the
+    Cholesky factor of a covariance and ``U`` its precision factor, ``inv(S) = U U^T``
+    exactly when ``L^T U`` is the identity; its residual is compared to
+    ``|L^T| |U|`` (and ``U^2 S`` to 1 for diag/spherical), which makes the check
+    independent of the features' scales and valid for badly conditioned covariances.
+
+    Parameters
+    ----------
+    params : GMMParams
+
+    Raises
+    ------
+    DataError
+        One line naming the first violation.
+    """
+    w, means = params.weights, params.means
+    cov, prec = params.covariances, params.precisions_cholesky
+    if not np.all(np.isfinite(w)):
+        raise DataError(f"weight {_first(~np.isfinite(w))} is not finite.")
+    if np.any(w < 0):
+        raise DataError(f"weight {_first(w < 0)} is negative ({w[w < 0][0]:g}).")
+    if not abs(float(np.sum(w)) - 1.0) <= MODEL_RTOL:
+        raise DataError(f"the weights sum to {float(np.sum(w)):.10g}, not 1.")
+    if not np.all(np.isfinite(means)):
+        raise DataError(f"mean {_first(~np.isfinite(means))} is not finite.")
+    for name, value in (("covariances", cov), ("precisions_cholesky", prec)):
+        if not np.all(np.isfinite(value)):
+            raise DataError(f"{name} {_first(~np.isfinite(value))} is not finite.")
+    if params.covariance_type in ("diag", "spherical"):
+        if np.any(cov <= 0):
+            raise DataError(f"covariance {_first(cov <= 0)} is not positive.")
+        residual = np.abs(prec * prec * cov - 1.0)
+        if np.any(residual > MODEL_RTOL):
+            raise DataError(
+                f"covariance {_first(residual > MODEL_RTOL)} disagrees with "
+                "precisions_cholesky (precisions_cholesky**2 * covariance != 1)."
+            )
+        return
+    mats = cov[None] if params.covariance_type == "tied" else cov
+    precs = prec[None] if params.covariance_type == "tied" else prec
+    for k, (s, u) in enumerate(zip(mats, precs, strict=True)):
+        which = "the covariance" if params.covariance_type == "tied" else f"covariance {k}"
+        scale = np.sqrt(np.abs(np.outer(np.diag(s), np.diag(s))))
+        if np.any(np.abs(s - s.T) > MODEL_RTOL * scale):
+            raise DataError(f"{which} is not symmetric.")
+        try:
+            lower = linalg.cholesky(s, lower=True)
+        except linalg.LinAlgError:
+            raise DataError(f"{which} is not positive definite.") from None
+        if np.any(np.tril(u, -1) != 0) or np.any(np.diag(u) <= 0):
+            raise DataError(
+                f"precisions_cholesky of {which[4:] if which.startswith('the ') else which} "
+                "is not upper triangular with a positive diagonal."
+            )
+        residual = np.abs(lower.T @ u - np.eye(len(s)))
+        if np.any(residual > MODEL_RTOL * (np.abs(lower.T) @ np.abs(u))):
+            raise DataError(f"{which} disagrees with precisions_cholesky (inv(S) != U U^T).")
 
 
 def check_init_arrays(

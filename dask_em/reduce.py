@@ -356,20 +356,35 @@ class RowData:
         return out
 
 
+def _located(
+    X: np.ndarray,
+    params: Any,
+    block_fn: Callable[..., np.ndarray],
+    block_info: dict[Any, Any] | None = None,
+) -> np.ndarray:
+    """``block_fn(X, params, chunk_index, row_start)`` with the block's place in the array."""
+    info = (block_info or {}).get(0, {})
+    chunk_index = int(info.get("chunk-location", (0,))[0])
+    row_start = int(info.get("array-location", [(0, 0)])[0][0])
+    return block_fn(X, params, chunk_index, row_start)
+
+
 def map_rows(
     X: da.Array,
-    block_fn: Callable[[np.ndarray, Any], np.ndarray],
+    block_fn: Callable[..., np.ndarray],
     params: Any,
     dtype: Any,
     n_cols: int | None = None,
 ) -> da.Array:
-    """Lazy per-row output of ``block_fn(X_block, params)``.
+    """Lazy per-row output of ``block_fn(X_block, params, chunk_index, row_start)``.
 
     Parameters
     ----------
     X : dask.array.Array of shape (n, D)
     block_fn : callable
-        Returns shape (n_block,) when ``n_cols`` is None, else (n_block, n_cols).
+        Returns shape (n_block,) when ``n_cols`` is None, else (n_block, n_cols);
+        ``chunk_index`` and ``row_start`` (the global index of the block's first row)
+        name the block in its errors.
     params : object
         Shared by every block as one graph key.
     dtype : numpy dtype of the output
@@ -383,11 +398,12 @@ def map_rows(
     shared = _broadcast(params)
     if n_cols is None:
         return X.map_blocks(
-            block_fn, shared, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype)
+            _located, shared, block_fn, drop_axis=1, dtype=dtype, meta=np.empty((0,), dtype=dtype)
         )
     return X.map_blocks(
-        block_fn,
+        _located,
         shared,
+        block_fn,
         chunks=(X.chunks[0], (n_cols,)),
         dtype=dtype,
         meta=np.empty((0, 0), dtype=dtype),

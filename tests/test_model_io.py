@@ -15,6 +15,7 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 import dask_em
 from dask_em.errors import DataError, OutputError
+from dask_em.io import model_version_path
 from dask_em.params import COVARIANCE_TYPES
 
 FITTED = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
@@ -50,13 +51,16 @@ def test_saved_model_loads_with_the_same_parameters_and_predictions(
 
 
 def test_model_is_a_zarr_group_of_float64_arrays_and_json_attributes(fitted_model_path):
-    group = zarr.open_group(fitted_model_path, mode="r")
+    root = dict(zarr.open_group(fitted_model_path, mode="r").attrs)
+    assert root["format"] == "dask-em-model" and root["format_version"] == 2
+    assert root["current"] == model_version_path(fitted_model_path).name
+    group = zarr.open_group(model_version_path(fitted_model_path), mode="r")
     assert sorted(group.array_keys()) == sorted(
         ["weights", "means", "covariances", "precisions_cholesky"]
     )
     assert all(group[name].dtype == np.float64 for name in group.array_keys())
     attrs = dict(group.attrs)
-    assert attrs["format"] == "dask-em-model" and attrs["format_version"] == 1
+    assert attrs["format"] == "dask-em-model" and attrs["format_version"] == 2
     for key in ("n_iter", "converged", "lower_bounds", "n_passes", "dask_em_version"):
         assert key in attrs, key
     json.dumps(attrs)  # plain JSON
@@ -119,7 +123,7 @@ def test_paths_that_are_not_models_are_refused(mixture_zarr, tmp_path):
 
 
 def test_model_with_a_missing_or_inconsistent_array_is_refused(fitted_model_path):
-    group = zarr.open_group(fitted_model_path, mode="r+")
+    group = zarr.open_group(model_version_path(fitted_model_path), mode="r+")
     del group["covariances"]
     with pytest.raises(DataError, match="lacks the array 'covariances'"):
         dask_em.load_model(fitted_model_path)

@@ -57,7 +57,7 @@ from dask_em.checkpoint import (
 )
 from dask_em.em import EMResult, FitState
 from dask_em.errors import DataError
-from dask_em.io import open_array, store_array
+from dask_em.io import model_version_path, open_array, store_array
 from dask_em.params import GMMParams
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -384,11 +384,9 @@ def unsafe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for index, (write, _) in enumerate(UNSAFE_STORES.values()):
         write(root / f"{index}.zarr", chunk)
     bad_model = root / "bad-model.zarr"
-    group = zarr.open_group(str(bad_model), mode="w")
-    group.attrs.update(dict(zarr.open_group(str(model), mode="r").attrs))
-    for name in ("weights", "covariances", "precisions_cholesky"):
-        group.create_array(name, data=zarr.open_array(str(model / name), mode="r")[...])
-    write_v3_pickle_array(bad_model / "means", chunk)
+    shutil.copytree(model, bad_model)
+    shutil.rmtree(model_version_path(bad_model) / "means")
+    write_v3_pickle_array(model_version_path(bad_model) / "means", chunk)
     commands: dict[str, list[object]] = {
         "fit": ["fit", root / "0.zarr", "--n-components", "2", "--output", root / "m.zarr"],
         "info": ["info", bad_model],
@@ -534,7 +532,7 @@ def test_leftovers_of_dead_writers_are_cleaned_and_an_output_renamed_aside_is_re
     puts the earlier output back, removes the half-written array, then publishes; files
     of live writers and of other hosts are left alone."""
     out = tmp_path / "labels.zarr"
-    store_array(da.from_array(np.arange(10), chunks=4), out)
+    store_array(da.from_array(np.arange(10), chunks=4), out, kind="predictions")
     earlier = snapshot(out)
     dead, host = dead_pid(), io_module._HOST
     aside = tmp_path / f".labels.zarr.old-{host}-{dead}-{uuid.uuid4().hex}"
@@ -553,7 +551,7 @@ def test_leftovers_of_dead_writers_are_cleaned_and_an_output_renamed_aside_is_re
     assert not aside.exists() and not half.exists()
     assert live.is_dir() and other_host.is_dir()
 
-    store_array(da.from_array(np.arange(10) * 2, chunks=4), out)  # the next write
+    store_array(da.from_array(np.arange(10) * 2, chunks=4), out, kind="predictions")  # next
     np.testing.assert_array_equal(zarr.open_array(str(out), mode="r")[...], np.arange(10) * 2)
     leftovers = {p.name for p in tmp_path.iterdir() if p.name.startswith(".labels.zarr")}
     assert leftovers == {live.name, other_host.name}
