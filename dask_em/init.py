@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dask_em import kernels
+from dask_em import init_kernels, kernels
 from dask_em.params import GMMParams, covariance_shape
 from dask_em.passes import Pass, Rows, Steps
 from dask_em.stats import SuffStats, m_step
@@ -83,7 +83,7 @@ def _weighted_kmeans(
     p = weights / weights.sum() if weights.sum() > 0 else np.full(m, 1.0 / m)
     centers = [points[rng.choice(m, p=p)]]
     for _ in range(1, n_clusters):
-        d2, _ = kernels.min_sq_distances(points, np.asarray(centers))
+        d2, _ = init_kernels.min_sq_distances(points, np.asarray(centers))
         score = weights * d2
         if score.sum() > 0:
             centers.append(points[rng.choice(m, p=score / score.sum())])
@@ -91,7 +91,7 @@ def _weighted_kmeans(
             centers.append(points[rng.choice(m, p=p)])
     c = np.asarray(centers)
     for _ in range(_LOCAL_LLOYD_ITER):
-        _, label = kernels.min_sq_distances(points, c)
+        _, label = init_kernels.min_sq_distances(points, c)
         mass = np.bincount(label, weights=weights, minlength=n_clusters)
         sums = np.zeros_like(c)
         np.add.at(sums, label, points * weights[:, None])
@@ -115,15 +115,15 @@ def init_kmeans(
     centers = yield Rows(rng.integers(n_samples, size=1))
     for round_ in range(KMEANS_ROUNDS):
         sample = yield Pass(
-            kernels.sample_by_distance_chunk, (centers, 2 * n_components, seed, round_)
+            init_kernels.sample_by_distance_chunk, (centers, 2 * n_components, seed, round_)
         )
         centers = np.vstack([centers, sample.rows])
-    counts = yield Pass(kernels.closest_count_chunk, (centers,))
+    counts = yield Pass(init_kernels.closest_count_chunk, (centers,))
     centers = _weighted_kmeans(centers, counts, n_components, rng)
     scale = max(float(np.ptp(centers)), 1.0) if centers.size else 1.0
     for _ in range(LLOYD_PASSES):
         shift = centers
-        stats: SuffStats = yield Pass(kernels.hard_assign_chunk, (shift, covariance_type))
+        stats: SuffStats = yield Pass(init_kernels.hard_assign_chunk, (shift, covariance_type))
         filled = stats.n[:, None] > 0
         centers = shift + np.where(filled, stats.s1 / np.where(filled, stats.n[:, None], 1.0), 0.0)
         if not _centers_moved(shift, centers, scale):
@@ -137,7 +137,7 @@ def init_kmeans_plusplus(
     """k-means++ seeds (first one by sample weight, then by squared distance)."""
     seeds = np.empty((0, shape[1]))
     for k in range(n_components):
-        sample = yield Pass(kernels.sample_by_distance_chunk, (seeds, 1, seed, 100 + k))
+        sample = yield Pass(init_kernels.sample_by_distance_chunk, (seeds, 1, seed, 100 + k))
         if sample.rows.shape[0] == 0:  # every row already is a seed: repeat the last one
             seeds = np.vstack([seeds, seeds[-1:]])
         else:
@@ -150,7 +150,7 @@ def init_random(
 ) -> Steps[GMMParams]:
     """Uniformly random responsibilities, normalized per row (one pass)."""
     shift = np.repeat((yield Rows(np.array([0]))), n_components, axis=0)
-    stats = yield Pass(kernels.random_resp_chunk, (seed, n_components, shift, covariance_type))
+    stats = yield Pass(init_kernels.random_resp_chunk, (seed, n_components, shift, covariance_type))
     return m_step(stats, shift, reg_covar, covariance_type)
 
 
