@@ -24,6 +24,7 @@ counted, so scikit-learn's count is a lower bound.
 dask-em fits run on Dask's threaded scheduler on in-memory data.
 
     python benchmarks/fit_quality.py                    # 24 mixtures x 3 seeds, about 4 minutes
+    python benchmarks/fit_quality.py --processes 2      # mixtures in 2 processes
     python benchmarks/fit_quality.py --mixtures 8 --seeds 0   # quick look
     python benchmarks/fit_quality.py --small            # seconds (tests)
 """
@@ -34,8 +35,9 @@ import argparse
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import dask
 import numpy as np
@@ -119,7 +121,7 @@ def _params_of(gm: SkGaussianMixture | GaussianMixture) -> GMMParams:
     return GMMParams(gm.weights_, gm.means_, gm.covariances_, gm.precisions_cholesky_, "full")
 
 
-def fit_sklearn(mixture: Mixture, seed: int, n_init: int = 1) -> Fit:
+def fit_sklearn(mixture: Mixture, seed: int, n_init: int) -> Fit:
     """scikit-learn's fit; passes counted as described in the module docstring."""
     K = mixture.n_components
     gm = SkGaussianMixture(K, n_init=n_init, random_state=seed).fit(mixture.X)
@@ -133,6 +135,41 @@ def fit_dask_em(mixture: Mixture, seed: int, n_init: int) -> Fit:
     with dask.config.set(scheduler="threads"):
         gm.fit(mixture.X)
     return _evaluate(mixture, _params_of(gm), gm.n_passes_)
+
+
+def _methods(cli_n_init: int) -> dict[str, tuple[str, int]]:
+    """Name of each compared fit -> (library, n_init)."""
+    return {
+        "dask-em default (n_init=1)": ("dask-em", 1),
+        "scikit-learn default": ("scikit-learn", 1),
+        f"dask-em CLI (n_init={cli_n_init})": ("dask-em", cli_n_init),
+    }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One mixture's reference and the fits of every method and seed."""
+
+    index: int
+    n_features: int
+    n_components: int
+    overlap: str
+    reference: Fit
+    fits: dict[str, list[Fit]]
+
+
+def study(index: int, rows: int, seeds: list[int], cli_n_init: int) -> Outcome:
+    """Mixture ``index``: scikit-learn's best of 10 and every method with every seed."""
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    mixture = make_mixture(index, rows)
+    reference = fit_sklearn(mixture, REFERENCE_SEED, REFERENCE_N_INIT)
+    fits: dict[str, list[Fit]] = {}
+    for name, (library, n_init) in _methods(cli_n_init).items():
+        fit = fit_sklearn if library == "scikit-learn" else fit_dask_em
+        fits[name] = [fit(mixture, seed, n_init) for seed in seeds]
+    return Outcome(
+        index, mixture.n_features, mixture.n_components, mixture.overlap, reference, fits
+    )
 
 
 def _row(name: str, gaps: np.ndarray, aris: np.ndarray, passes: np.ndarray) -> str:
@@ -151,41 +188,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli-n-init", type=int, default=CLI_N_INIT)
     parser.add_argument("--small", action="store_true", help="2 mixtures, 1 seed, 2,000 rows")
     parser.add_argument("--verbose", action="store_true", help="one line per mixture")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="mixtures studied in parallel processes"
+    )
     args = parser.parse_args(argv)
     if args.small:
         args.mixtures, args.seeds, args.rows = 2, "0", 2_000
     seeds = [int(s) for s in args.seeds.split(",")]
-    methods: dict[str, Callable[[Mixture, int], Fit]] = {
-        "dask-em default (n_init=1)": lambda m, s: fit_dask_em(m, s, 1),
-        "scikit-learn default": fit_sklearn,
-        f"dask-em CLI (n_init={args.cli_n_init})": lambda m, s: fit_dask_em(m, s, args.cli_n_init),
-    }
+    methods = _methods(args.cli_n_init)
     gaps: dict[str, list[float]] = {name: [] for name in methods}
     aris: dict[str, list[float]] = {name: [] for name in methods}
     passes: dict[str, list[int]] = {name: [] for name in methods}
     ref_aris: list[float] = []
     groups: list[tuple[int, str]] = []
     began = time.perf_counter()
-    warnings.simplefilter("ignore", ConvergenceWarning)
-    for index in range(args.first, args.first + args.mixtures):
-        mixture = make_mixture(index, args.rows)
-        reference = fit_sklearn(mixture, REFERENCE_SEED, REFERENCE_N_INIT)
-        ref_aris.append(reference.ari)
-        for seed in seeds:
-            groups.append((mixture.n_components, mixture.overlap))
-            for name, fit in methods.items():
-                result = fit(mixture, seed)
-                gaps[name].append(reference.mean_loglik - result.mean_loglik)
-                aris[name].append(result.ari)
-                passes[name].append(result.passes)
-        if args.verbose:
-            last = slice(-len(seeds), None)
-            print(
-                f"mixture {index:3d} D={mixture.n_features:2d} K={mixture.n_components:2d} "
-                f"{mixture.overlap:8s} gaps "
-                + "  ".join("/".join(f"{g:.0e}" for g in gaps[name][last]) for name in methods),
-                flush=True,
-            )
+    indices = range(args.first, args.first + args.mixtures)
+    with ProcessPoolExecutor(args.processes) as pool:
+        task = partial(study, rows=args.rows, seeds=seeds, cli_n_init=args.cli_n_init)
+        for outcome in pool.map(task, indices):
+            ref_aris.append(outcome.reference.ari)
+            groups.extend([(outcome.n_components, outcome.overlap)] * len(seeds))
+            for name, fits in outcome.fits.items():
+                gaps[name].extend(outcome.reference.mean_loglik - f.mean_loglik for f in fits)
+                aris[name].extend(f.ari for f in fits)
+                passes[name].extend(f.passes for f in fits)
+            if args.verbose:
+                print(
+                    f"mixture {outcome.index:3d} D={outcome.n_features:2d} "
+                    f"K={outcome.n_components:2d} {outcome.overlap:8s} gaps "
+                    + "  ".join(
+                        "/".join(f"{g:.0e}" for g in gaps[name][-len(seeds) :]) for name in methods
+                    ),
+                    flush=True,
+                )
     seconds = time.perf_counter() - began
     n_fits = args.mixtures * len(seeds)
     print(
