@@ -41,7 +41,7 @@ from dask_em.errors import (
     UserError,
 )
 from dask_em.estimator import GaussianMixture, information_criteria, load_model
-from dask_em.init import INITIALIZERS
+from dask_em.init import CLI_N_INIT, INITIALIZERS
 from dask_em.io import (
     check_destination,
     check_output,
@@ -392,10 +392,6 @@ def _match(true_means: np.ndarray, fitted_means: np.ndarray) -> np.ndarray:
     return order
 
 
-DEMO_N_INIT = 4
-"""Initializations the demo keeps the best of (one alone may end in a poor optimum)."""
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -410,10 +406,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _say(
             args,
             f"generated {n} x {d} rows ({n * d * 8 / 2**20:.0f} MiB) in {data} in "
-            f"{t1 - t0:.1f} s; fitting {k} components, best of {DEMO_N_INIT} initializations "
+            f"{t1 - t0:.1f} s; fitting {k} components, best of {CLI_N_INIT} initializations "
             f"(their seeds drawn from --seed {seed})",
         )
-        gm = GaussianMixture(k, n_init=DEMO_N_INIT, random_state=seed, checkpoint_dir=ckpt)
+        gm = GaussianMixture(k, n_init=CLI_N_INIT, random_state=seed, checkpoint_dir=ckpt)
         X = open_array(data)
         fit_seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=True)
         gm.save(model)
@@ -543,8 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--n-init",
         type=_positive_int,
-        default=1,
-        help="initializations, advanced together; the best is kept (default 1)",
+        default=CLI_N_INIT,
+        help="initializations, advanced together (they share every pass); the best is kept "
+        f"(default {CLI_N_INIT}: benchmarks/fit_quality.py measured it; Python's default is 1)",
     )
     p.add_argument(
         "--seed",

@@ -81,3 +81,20 @@ def test_ingest_compares_routes_on_the_same_rows() -> None:
     assert routes[:2] == ["dask-em ingest", "dask-em ingest --query"], out
     assert "dask.dataframe -> to_zarr" in routes, out
     assert "DIFFER" not in out and out.count("column sums agree") == len(routes), out
+
+
+def test_fit_quality_compares_every_fit_with_sklearn_best_of_10() -> None:
+    out = run("fit_quality.py")
+    rows = {
+        m.group(1).strip(): tuple(float(m.group(i)) for i in (2, 3, 4, 5))
+        for m in re.finditer(
+            r"^(dask-em default \(n_init=1\)|scikit-learn default|dask-em CLI \(n_init=\d+\))"
+            r"\s+([\d.]+)%\s+(-?[\d.e+-]+)\s+(-?[\d.e+-]+)\s+([\d.]+)\s+([\d.]+)$",
+            out,
+            re.MULTILINE,
+        )
+    }
+    assert len(rows) == 3, out
+    for rate, median_gap, worst_gap, ari in rows.values():
+        assert 0 <= rate <= 100 and median_gap <= worst_gap and -1 <= ari <= 1
+    assert "clearly-worse rate by K and by overlap" in out

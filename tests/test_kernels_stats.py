@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from oracle import fit_sklearn
 from scipy import stats as sps
 
-from dask_em import kernels
+from dask_em import init_kernels, kernels
 from dask_em.errors import DataError
 from dask_em.params import (
     COVARIANCE_TYPES,
@@ -224,7 +224,7 @@ def test_m_step_of_hard_assignment_gives_per_cluster_mean_and_covariance(covaria
     X = X_DATA
     labels = np.random.default_rng(5).integers(N_COMPONENTS, size=N_ROWS)
     centers = np.stack([X[labels == k].mean(axis=0) for k in range(N_COMPONENTS)]) + 0.3
-    stats = kernels.hard_assign_chunk(X, None, 0, 0, centers, covariance_type)
+    stats = init_kernels.hard_assign_chunk(X, None, 0, 0, centers, covariance_type)
     closest = np.argmin(((X[:, None, :] - centers[None]) ** 2).sum(axis=2), axis=1)
     reg = 1e-6
     params = m_step(stats, centers, reg, covariance_type)
