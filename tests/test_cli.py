@@ -37,6 +37,7 @@ from cli_helpers import (
 )
 
 from dask_em import load_model
+from dask_em.init import CLI_N_INIT
 
 N_SAMPLES, N_FEATURES, N_COMPONENTS = 20_000, 3, 3
 SUMMARY_KEYS = {
@@ -83,6 +84,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         model,
         "--checkpoint-dir",
         ckpt,
+        "--n-init",  # one initialization: the progress and summary checks follow one run
+        1,
         "--json",
         *LOCAL,
     )
@@ -300,9 +303,9 @@ def test_chunk_rows_sets_rows_per_task_in_whole_store_chunks(
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """``demo`` on 20,000 rows: status 0, a report with the agreement percentage on
     stdout, and the model, labels and checkpoint it names exist. The default seed: the
-    demo keeps the best of 4 initializations, as one alone may end in a poor optimum;
-    its progress names them "Initialization i of 4", not by derived seeds that look like
-    noise. ``--chunk-rows``, the older name of ``--store-chunk-rows``, still works."""
+    demo keeps the best of `CLI_N_INIT` initializations, as one alone may end in a poor
+    optimum; its progress names them "Initialization i of n", not by derived seeds that
+    look like noise. ``--chunk-rows``, the older name of ``--store-chunk-rows``, still works."""
     workdir = tmp_path / "demo"
     result = run_cli(
         "demo",
@@ -316,8 +319,11 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert_ok(result)
     assert zarr.open_array(str(workdir / "data.zarr"), mode="r").chunks == (5000, 8)
-    for i in range(1, 5):
-        assert f"Initialization {i} of 4 (its seed is drawn from random_state=0)" in result.stderr
+    for i in range(1, CLI_N_INIT + 1):
+        assert (
+            f"Initialization {i} of {CLI_N_INIT} (its seed is drawn from random_state=0)"
+            in result.stderr
+        )
     assert set(re.findall(r"seed (\d+)", result.stderr)) == {"0"}, result.stderr  # --seed
     match = re.search(r"labels agree with the true components on ([\d.]+)% of rows", result.stdout)
     assert match, result.stdout

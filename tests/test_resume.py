@@ -62,7 +62,18 @@ def test_fit_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path: P
     uninterrupted run ends."""
     max_iter = 30
     data = write_array(tmp_path / "data.zarr", mixture(100_000, 8, 4, seed=1), (12_500, 8))
-    common = [data, "--n-components", "4", "--tol", "0", "--max-iter", str(max_iter), *LOCAL]
+    common = [
+        data,
+        "--n-components",
+        "4",
+        "--tol",
+        "0",
+        "--max-iter",
+        str(max_iter),
+        "--n-init",
+        "1",
+    ]
+    common += LOCAL
 
     began = time.monotonic()
     reference = run_cli("fit", *common, "--output", tmp_path / "reference.zarr")
@@ -404,6 +415,8 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, obj
         "0",
         "--max-iter",
         str(DAMAGE_MAX_ITER),
+        "--n-init",  # as the Python fit that made the interrupted checkpoint
+        "1",
         *LOCAL,
     ]
 
