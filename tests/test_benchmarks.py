@@ -73,3 +73,12 @@ def test_out_of_core_reports_memory_and_spill() -> None:
 def test_chunking_compares_task_sizes() -> None:
     out = run("chunking.py")
     assert re.search(r"^\s+auto\s", out, re.MULTILINE), out
+
+
+def test_model_selection_shares_passes_and_matches_separate_fits() -> None:
+    out = run("model_selection.py")
+    shared = int(re.search(r"^dask_em\.select \(shared passes\)\s+(\d+)", out, re.M).group(1))
+    separate = int(re.search(r"^dask-em, one fit per candidate\s+(\d+)", out, re.M).group(1))
+    assert shared < separate, out
+    diff = float(re.search(r"select vs separate fits: (\S+)", out).group(1))
+    assert diff <= 1e-12, out
