@@ -416,6 +416,43 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------- plot
+def _feature_pair(text: str) -> tuple[int, int]:
+    """An argparse type: ``i,j``, two feature indices."""
+    try:
+        i, j = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two feature indices i,j, got {text!r}"
+        ) from None
+    return i, j
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    # matplotlib is imported by this command alone (the plot extra)
+    from dask_em.plot import check_features, check_png_output, render, sample_rows
+    from dask_em.reduce import RowData
+
+    params, attrs = read_model(args.model)
+    check_png_output(args.output)
+    sample = None
+    if args.data is not None:
+        check_features(params.n_features, args.features)
+        X = open_array(args.data, args.array, args.chunk_rows)
+        if X.shape[1] != params.n_features:
+            raise DataError(
+                f"{args.data} has {X.shape[1]} features but the model was fitted on "
+                f"{params.n_features}; use data with the same features."
+            )
+        with _cluster(args):
+            sample = sample_rows(RowData(X), args.sample, args.seed)
+    elif args.features is not None:
+        raise DataError("--features chooses the axes of the scatter: give DATA too.")
+    picture = render(args.output, params, attrs, sample, args.features)
+    _say(args, f"wrote {', '.join(picture.panels)} to {args.output}")
+    return 0
+
+
 # -------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
     checkpoint = describe(args.path)
@@ -700,6 +737,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "plot", help="PNG: convergence, components over a sample of DATA, criterion against K"
+    )
+    p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit or select")
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        nargs="?",
+        help="Zarr array to scatter a sample of (optional; or a group, with --array)",
+    )
+    p.add_argument("--array", metavar="NAME", help="the array to use inside a Zarr group")
+    _add_chunk_rows_option(p)
+    p.add_argument("--output", required=True, metavar="FIG.png", help="the PNG to write")
+    p.add_argument(
+        "--features",
+        type=_feature_pair,
+        metavar="I,J",
+        help="features to plot (default: the sample's top two principal axes)",
+    )
+    p.add_argument(
+        "--sample", type=_positive_int, default=5000, help="rows to scatter (default 5000)"
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the sample (default 0)")
+    _add_quiet_option(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("info", help="JSON description of a model or a checkpoint directory")
     p.add_argument(
