@@ -212,6 +212,7 @@ def select(
     checkpoint_dir : str or path, optional
         Save the selection's state after every pass that moved a run; a later call with
         the same data and settings resumes from it (`GaussianMixture` ``checkpoint_dir``).
+        Needs an int ``random_state`` (the seeds are part of the checkpoint's fingerprint).
     restart : bool, default False
         Discard the checkpoint in ``checkpoint_dir`` first.
     verbose : int, default 0
@@ -225,6 +226,13 @@ def select(
     if restart and checkpoint_dir is None:
         raise ParameterError(
             "{restart} discards a checkpoint: give {checkpoint_dir} too.",
+            parameter="checkpoint_dir",
+        )
+    if checkpoint_dir is not None and not isinstance(random_state, int | np.integer):
+        raise ParameterError(
+            f"random_state={random_state!r} draws other seeds on every call, so a selection "
+            "could not resume from its checkpoint: give an int random_state with "
+            "{checkpoint_dir}.",
             parameter="checkpoint_dir",
         )
     settings = {

@@ -159,6 +159,9 @@ def test_bad_choices_are_one_line_errors(store: ZarrData) -> None:
         select(store.X, (2,), "full", criterion="icl")
     with pytest.raises(ValueError, match="n_components"):
         select(store.X[:3], (1, 5), "full")
+    with pytest.raises(ValueError, match="int random_state"):
+        select(store.X, (1, 2), "full", random_state=None, checkpoint_dir="never-made")
+    assert not Path("never-made").exists()
 
 
 # ---------------------------------------------------------------------------- CLI
