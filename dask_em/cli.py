@@ -51,6 +51,7 @@ from dask_em.io import (
     store_array,
 )
 from dask_em.params import COVARIANCE_TYPES, n_parameters
+from dask_em.select import CRITERIA, select
 
 DEMO_SIZE = {"n_samples": 2_000_000, "n_features": 8, "n_components": 5}
 
@@ -358,6 +359,119 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ select
+def _component_counts(text: str) -> list[int]:
+    """An argparse type: ``1-12``, ``2,4,8`` or a mix (``1-3,6``) as a list of counts >= 1."""
+    counts: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            first, last = int(low), int(high or low)
+            if first < 1 or last < first:
+                raise ValueError
+            counts += range(first, last + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected counts >= 1 such as 1-12 or 2,4,8, got {text!r}"
+        ) from None
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"a count is given twice in {text!r}")
+    return counts
+
+
+def _covariance_types(text: str) -> list[str]:
+    """An argparse type: comma-separated covariance types, e.g. ``full,diag``."""
+    types = text.split(",")
+    wrong = [t for t in types if t not in COVARIANCE_TYPES]
+    if wrong or len(set(types)) != len(types):
+        raise argparse.ArgumentTypeError(
+            f"expected distinct types among {','.join(COVARIANCE_TYPES)}, got {text!r}"
+        )
+    return types
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    X = open_array(args.data, args.array, args.chunk_rows)
+    if X.shape[0] < max(args.n_components):
+        raise DataError(
+            f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
+            f"{max(args.n_components)}; use fewer components or more data."
+        )
+    check_output(args.output)
+    if args.checkpoint_dir:
+        check_available(args.checkpoint_dir, restart=args.restart)
+    with _cluster(args):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            result = select(
+                X,
+                args.n_components,
+                args.covariance_type,
+                args.criterion,
+                tol=args.tol,
+                reg_covar=args.reg_covar,
+                max_iter=args.max_iter,
+                n_init=args.n_init,
+                random_state=args.seed,
+                checkpoint_dir=args.checkpoint_dir,
+                restart=args.restart,
+                verbose=0 if args.quiet else 2,
+            )
+        seconds = time.perf_counter() - start
+        summary = result.summary()
+        result.best.save(args.output, {"selection": summary})
+    summary.update(seconds=round(seconds, 3), model=args.output)
+    if args.json:
+        _print_json(summary)
+    else:
+        best = result.candidates[result.best_index]
+        print(result.table())
+        print(
+            f"best by {args.criterion.upper()}: {best.covariance_type} with "
+            f"{best.n_components} components ({result.n_passes} passes for "
+            f"{len(result.candidates)} candidates, {seconds:.1f} s); model written to {args.output}"
+        )
+    return 0
+
+
+# -------------------------------------------------------------------------------- plot
+def _feature_pair(text: str) -> tuple[int, int]:
+    """An argparse type: ``i,j``, two feature indices."""
+    try:
+        i, j = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two feature indices i,j, got {text!r}"
+        ) from None
+    return i, j
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    # matplotlib is imported by this command alone (the plot extra)
+    from dask_em.plot import check_features, check_png_output, render, sample_rows
+    from dask_em.reduce import RowData
+
+    params, attrs = read_model(args.model)
+    check_png_output(args.output)
+    sample = None
+    if args.data is not None:
+        check_features(params.n_features, args.features)
+        X = open_array(args.data, args.array, args.chunk_rows)
+        if X.shape[1] != params.n_features:
+            raise DataError(
+                f"{args.data} has {X.shape[1]} features but the model was fitted on "
+                f"{params.n_features}; use data with the same features."
+            )
+        with _cluster(args):
+            sample = sample_rows(RowData(X), args.sample, args.seed)
+    elif args.features is not None:
+        raise DataError("--features chooses the axes of the scatter: give DATA too.")
+    picture = render(args.output, params, attrs, sample, args.features)
+    _say(args, f"wrote {', '.join(picture.panels)} to {args.output}")
+    return 0
+
+
 # -------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
     checkpoint = describe(args.path)
@@ -565,6 +679,69 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p)
     p.set_defaults(func=cmd_fit)
 
+    p = sub.add_parser(
+        "select",
+        help="fit every (components, covariance type) candidate in shared passes; keep the best",
+    )
+    _add_data_options(p)
+    p.add_argument(
+        "--n-components",
+        type=_component_counts,
+        default=list(range(1, 13)),
+        metavar="RANGE",
+        help="component counts to try, e.g. 1-12 or 2,4,8 (default 1-12)",
+    )
+    p.add_argument(
+        "--covariance-type",
+        type=_covariance_types,
+        default=["full", "diag"],
+        metavar="TYPES",
+        help="covariance types to try, comma-separated (default full,diag)",
+    )
+    p.add_argument(
+        "--criterion", choices=CRITERIA, default="bic", help="minimized to choose (default bic)"
+    )
+    p.add_argument(
+        "--output", required=True, metavar="BEST.zarr", help="where to write the best model"
+    )
+    p.add_argument(
+        "--tol",
+        type=_non_negative_float,
+        default=1e-3,
+        help="converged when the mean log-likelihood changes by less (default 1e-3)",
+    )
+    p.add_argument(
+        "--max-iter", type=_non_negative_int, default=100, help="most EM iterations (default 100)"
+    )
+    p.add_argument(
+        "--reg-covar",
+        type=_non_negative_float,
+        default=1e-6,
+        help="added to the diagonal of every covariance (default 1e-6)",
+    )
+    p.add_argument(
+        "--n-init",
+        type=_positive_int,
+        default=1,
+        help="initializations per candidate (default 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="random seed; each candidate draws its seeds from it as fit does (default 0)",
+    )
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="save state every pass; rerun to resume")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoint of --checkpoint-dir and start over",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_quiet_option(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_select)
+
     p = sub.add_parser("predict", help="write labels (or responsibilities) of a Zarr array")
     p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
     _add_data_options(p)
@@ -582,6 +759,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "plot", help="PNG: convergence, components over a sample of DATA, criterion against K"
+    )
+    p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit or select")
+    p.add_argument(
+        "data",
+        metavar="DATA",
+        nargs="?",
+        help="Zarr array to scatter a sample of (optional; or a group, with --array)",
+    )
+    p.add_argument("--array", metavar="NAME", help="the array to use inside a Zarr group")
+    _add_chunk_rows_option(p)
+    p.add_argument("--output", required=True, metavar="FIG.png", help="the PNG to write")
+    p.add_argument(
+        "--features",
+        type=_feature_pair,
+        metavar="I,J",
+        help="features to plot (default: the sample's top two principal axes)",
+    )
+    p.add_argument(
+        "--sample", type=_positive_int, default=5000, help="rows to scatter (default 5000)"
+    )
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seeds the sample (default 0)")
+    _add_quiet_option(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("info", help="JSON description of a model or a checkpoint directory")
     p.add_argument(

@@ -648,8 +648,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         return np.vstack(parts), labels
 
     # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the fitted model as a Zarr group (no pickle); see `load_model`."""
+    def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
+        """Write the fitted model as a Zarr group (no pickle); see `load_model`.
+
+        ``extra``: more JSON-ready attributes to store with the model (e.g. the
+        ``selection`` table of `dask_em.select`), read back by `dask_em.io.read_model`.
+        """
         params = self._params()
         hyper = {
             k: v
@@ -669,6 +673,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 "lower_bounds": [float(b) for b in self.lower_bounds_],
                 "n_passes": self.n_passes_,
                 "dask_em_version": __version__,
+                **(extra or {}),
             },
         )
 

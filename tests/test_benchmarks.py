@@ -98,3 +98,12 @@ def test_fit_quality_compares_every_fit_with_sklearn_best_of_10() -> None:
     for rate, median_gap, worst_gap, ari in rows.values():
         assert 0 <= rate <= 100 and median_gap <= worst_gap and -1 <= ari <= 1
     assert "clearly-worse rate by K and by overlap" in out
+
+
+def test_model_selection_shares_passes_and_matches_separate_fits() -> None:
+    out = run("model_selection.py")
+    shared = int(re.search(r"^dask_em\.select \(shared passes\)\s+(\d+)", out, re.M).group(1))
+    separate = int(re.search(r"^dask-em, one fit per candidate\s+(\d+)", out, re.M).group(1))
+    assert shared < separate, out
+    diff = float(re.search(r"select vs separate fits: (\S+)", out).group(1))
+    assert diff <= 1e-12, out
