@@ -289,11 +289,23 @@ def scheduler_address(
 
 
 @contextmanager
-def start_external_cluster(root: Path, n_workers: int = 2) -> Iterator[ExternalCluster]:
+def start_external_cluster(
+    root: Path,
+    n_workers: int = 2,
+    *,
+    scheduler_options: Sequence[str] = (),
+    options: Sequence[str] = (),
+    security: Any = None,
+) -> Iterator[ExternalCluster]:
     """``dask scheduler --host 127.0.0.1 --port 0 --scheduler-file F`` and ``n_workers``
-    ``dask worker --scheduler-file F --nworkers 1 --nthreads 1`` processes, up and
-    connected (logs and worker directories under ``root``). Every process is killed with
-    its process group on exit (also those a test has killed already)."""
+    ``dask worker ADDRESS --nworkers 1 --nthreads 1`` processes, up and connected (logs
+    and worker directories under ``root``). Every process is killed with its process
+    group on exit (also those a test has killed already).
+
+    ``scheduler_options`` go to the scheduler alone (``--protocol tls``), ``options`` to
+    the scheduler and every worker (``--tls-ca-file``...); ``security`` (a
+    ``distributed.Security``) is how the client waiting for the workers connects.
+    """
     from distributed import Client
 
     root.mkdir(parents=True, exist_ok=True)
@@ -302,46 +314,26 @@ def start_external_cluster(root: Path, n_workers: int = 2) -> Iterator[ExternalC
     processes: list[subprocess.Popen[str]] = []
     try:
         scheduler = start_in_session(
-            [
-                *dask_command(),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--no-dashboard",
-            ],
+            [*dask_command(), "scheduler", *scheduler_options, "--host", "127.0.0.1",
+             "--port", "0", "--scheduler-file", str(scheduler_file), "--no-dashboard", *options],
             root / "scheduler.log",
-        )
+        )  # fmt: skip
         processes.append(scheduler)
         addr = scheduler_address(scheduler, scheduler_file, root / "scheduler.log")
         cluster = ExternalCluster(scheduler_file, addr, scheduler)
         for i in range(n_workers):
             worker = start_in_session(
-                [
-                    *dask_command(),
-                    "worker",
-                    "--scheduler-file",
-                    str(scheduler_file),
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                    "--local-directory",
-                    str(root / f"worker-{i}"),
-                ],
+                [*dask_command(), "worker", addr, "--nworkers", "1", "--nthreads", "1",
+                 "--no-dashboard", "--local-directory", str(root / f"worker-{i}"), *options],
                 root / f"worker-{i}.log",
-            )
+            )  # fmt: skip
             processes.append(worker)
             cluster.workers.append(worker)
-        with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
+        with Client(addr, security=security, timeout="30s") as client:
             wait_for(
                 lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == n_workers,
                 90,
-                f"{n_workers} workers to connect",
+                f"{n_workers} workers to connect to {addr}",
             )
         yield cluster
     finally:
