@@ -12,6 +12,8 @@ Plain functions (no fixtures) shared by ``test_cli.py``, ``test_checkpoint.py``,
 - `snapshot` reads every file of a directory, to prove it was left untouched;
 - `wait_for` polls a condition with a deadline (no bare sleeps as synchronization);
 - `peek_checkpoint` reads a checkpoint that another process may be writing;
+  `ended_or_reached` tells whether a fit has ended or committed some iterations,
+  `wait_for_committed` waits until a running fit has committed some;
 - `process_group_alive` tells whether any live process remains in a process group;
 - `assert_same_fit` compares two fitted models (parameters and history);
 - `start_in_session`/`start_external_cluster` start real ``dask scheduler``/``dask worker``
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +186,35 @@ def current_iteration(loaded: Loaded | None) -> int:
     if loaded is None or loaded.state.run(0) is None:
         return -1
     return loaded.state.runs[0].n_iter
+
+
+def ended_or_reached(
+    process: subprocess.Popen[str], directory: str | os.PathLike[str], n_iter: int
+) -> bool:
+    """Whether ``process`` has ended or the checkpoint it writes in ``directory`` holds at
+    least ``n_iter`` iterations (`current_iteration`): the condition to wait for before
+    killing a fit mid-run."""
+    return process.poll() is not None or current_iteration(peek_checkpoint(directory)) >= n_iter
+
+
+def wait_for_committed(
+    process: subprocess.Popen[str],
+    directory: str | os.PathLike[str],
+    n_iter: int,
+    timeout: float,
+    hint: str = "",
+) -> None:
+    """Wait until the fit ``process`` has committed ``n_iter`` iterations to its checkpoint
+    ``directory`` while still running (to be killed mid-fit next); fail if it ended first,
+    with its stderr and ``hint`` (what to change) in the message."""
+    wait_for(
+        partial(ended_or_reached, process, directory, n_iter),
+        timeout,
+        f"{n_iter} committed iterations in {directory}",
+    )
+    if process.poll() is not None:
+        stderr = process.stderr.read() if process.stderr else ""
+        raise AssertionError(f"the fit ended before it could be killed{hint}\n{stderr}")
 
 
 def process_group_alive(pgid: int) -> bool:
