@@ -462,6 +462,7 @@ def impute_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
     Parameters
     ----------
     X : ndarray of shape (n, D)
+        NaN marks a missing value.
     params : GMMParams
 
     Returns
