@@ -333,13 +333,26 @@ def log_gaussian_prob(
     return out
 
 
-def _log_normalize(log_prob: np.ndarray, ws: _Workspace) -> tuple[np.ndarray, np.ndarray]:
+def _log_normalize(log_prob: np.ndarray, rows3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Log-sum-exp over components of a (K, m) block, in place.
 
-    Returns ``(norm (m,), resp (K, m))`` where ``resp`` is ``log_prob`` overwritten by
-    the responsibilities ``exp(log_prob - norm)``; both live in ``ws``.
+    Shared by `dask_em.kernels_missing` (its blocks of rows with NaN, transposed).
+
+    Parameters
+    ----------
+    log_prob : ndarray of shape (K, m)
+        Weighted log-densities; overwritten.
+    rows3 : ndarray of shape (3, m)
+        Scratch rows (`_Workspace.rows3`): per-row max, total, then ``norm``.
+
+    Returns
+    -------
+    norm : ndarray of shape (m,)
+        ``log sum_k exp(log_prob)``, in ``rows3[2]``.
+    resp : ndarray of shape (K, m)
+        ``log_prob`` overwritten by the responsibilities ``exp(log_prob - norm)``.
     """
-    top, total, norm = ws.rows3
+    top, total, norm = rows3
     np.max(log_prob, axis=0, out=top)
     top[~np.isfinite(top)] = 0.0  # a row with every density -inf stays -inf, not NaN
     log_prob -= top
@@ -372,7 +385,7 @@ def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndar
     log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
     for start, ws in _blocks(X.shape[0], proj.workspace, proj.block_rows):
         lp = proj.log_prob(_centered(X, start, proj.c0, ws), ws)
-        block_norm, _ = _log_normalize(lp.copy(), ws)
+        block_norm, _ = _log_normalize(lp.copy(), ws.rows3)
         norm[start : start + ws.rows] = block_norm
         with np.errstate(invalid="ignore"):
             log_resp[start : start + ws.rows] = (lp - block_norm).T
@@ -489,7 +502,7 @@ def em_chunk(
     worst: tuple[float, int] = (np.inf, -1)  # (log p, row in chunk) of the worst-fitted row
     for start, ws in _blocks(n_samples, proj.workspace, proj.block_rows):
         xt = _centered(X, start, proj.c0, ws)
-        norm, resp = _log_normalize(proj.log_prob(xt, ws), ws)
+        norm, resp = _log_normalize(proj.log_prob(xt, ws), ws.rows3)
         _check_finite(X[start : start + ws.rows], norm, chunk_index, row_start + start)
         if sample_weight is None:
             loglik += norm.sum(dtype=np.float64)

@@ -290,13 +290,10 @@ def _missing_blocks(
 
 
 def _normalize(log_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(log p(x_o) (b,), responsibilities (b, K))`` by log-sum-exp over components."""
-    top = np.max(log_prob, axis=1, keepdims=True)
-    top[~np.isfinite(top)] = 0.0
-    dens = np.exp(log_prob - top)
-    total = dens.sum(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.log(total) + top)[:, 0], dens / total
+    """``(log p(x_o) (b,), responsibilities (b, K))`` by log-sum-exp over components
+    (`dask_em.kernels._log_normalize` on a copy of the (b, K) log-densities)."""
+    norm, resp = kernels._log_normalize(log_prob.copy().T, np.empty((3, log_prob.shape[0])))
+    return norm, resp.T
 
 
 def em_chunk_missing(
@@ -465,6 +462,7 @@ def impute_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
     Parameters
     ----------
     X : ndarray of shape (n, D)
+        NaN marks a missing value.
     params : GMMParams
 
     Returns

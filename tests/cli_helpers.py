@@ -12,6 +12,8 @@ Plain functions (no fixtures) shared by ``test_cli.py``, ``test_checkpoint.py``,
 - `snapshot` reads every file of a directory, to prove it was left untouched;
 - `wait_for` polls a condition with a deadline (no bare sleeps as synchronization);
 - `peek_checkpoint` reads a checkpoint that another process may be writing;
+  `ended_or_reached` tells whether a fit has ended or committed some iterations,
+  `wait_for_committed` waits until a running fit has committed some;
 - `process_group_alive` tells whether any live process remains in a process group;
 - `assert_same_fit` compares two fitted models (parameters and history);
 - `start_in_session`/`start_external_cluster` start real ``dask scheduler``/``dask worker``
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +188,35 @@ def current_iteration(loaded: Loaded | None) -> int:
     return loaded.state.runs[0].n_iter
 
 
+def ended_or_reached(
+    process: subprocess.Popen[str], directory: str | os.PathLike[str], n_iter: int
+) -> bool:
+    """Whether ``process`` has ended or the checkpoint it writes in ``directory`` holds at
+    least ``n_iter`` iterations (`current_iteration`): the condition to wait for before
+    killing a fit mid-run."""
+    return process.poll() is not None or current_iteration(peek_checkpoint(directory)) >= n_iter
+
+
+def wait_for_committed(
+    process: subprocess.Popen[str],
+    directory: str | os.PathLike[str],
+    n_iter: int,
+    timeout: float,
+    hint: str = "",
+) -> None:
+    """Wait until the fit ``process`` has committed ``n_iter`` iterations to its checkpoint
+    ``directory`` while still running (to be killed mid-fit next); fail if it ended first,
+    with its stderr and ``hint`` (what to change) in the message."""
+    wait_for(
+        partial(ended_or_reached, process, directory, n_iter),
+        timeout,
+        f"{n_iter} committed iterations in {directory}",
+    )
+    if process.poll() is not None:
+        stderr = process.stderr.read() if process.stderr else ""
+        raise AssertionError(f"the fit ended before it could be killed{hint}\n{stderr}")
+
+
 def process_group_alive(pgid: int) -> bool:
     """Whether a process that is not a zombie remains in process group ``pgid``."""
     proc = Path("/proc")
@@ -289,11 +321,23 @@ def scheduler_address(
 
 
 @contextmanager
-def start_external_cluster(root: Path, n_workers: int = 2) -> Iterator[ExternalCluster]:
+def start_external_cluster(
+    root: Path,
+    n_workers: int = 2,
+    *,
+    scheduler_options: Sequence[str] = (),
+    options: Sequence[str] = (),
+    security: Any = None,
+) -> Iterator[ExternalCluster]:
     """``dask scheduler --host 127.0.0.1 --port 0 --scheduler-file F`` and ``n_workers``
-    ``dask worker --scheduler-file F --nworkers 1 --nthreads 1`` processes, up and
-    connected (logs and worker directories under ``root``). Every process is killed with
-    its process group on exit (also those a test has killed already)."""
+    ``dask worker ADDRESS --nworkers 1 --nthreads 1`` processes, up and connected (logs
+    and worker directories under ``root``). Every process is killed with its process
+    group on exit (also those a test has killed already).
+
+    ``scheduler_options`` go to the scheduler alone (``--protocol tls``), ``options`` to
+    the scheduler and every worker (``--tls-ca-file``...); ``security`` (a
+    ``distributed.Security``) is how the client waiting for the workers connects.
+    """
     from distributed import Client
 
     root.mkdir(parents=True, exist_ok=True)
@@ -302,46 +346,26 @@ def start_external_cluster(root: Path, n_workers: int = 2) -> Iterator[ExternalC
     processes: list[subprocess.Popen[str]] = []
     try:
         scheduler = start_in_session(
-            [
-                *dask_command(),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--no-dashboard",
-            ],
+            [*dask_command(), "scheduler", *scheduler_options, "--host", "127.0.0.1",
+             "--port", "0", "--scheduler-file", str(scheduler_file), "--no-dashboard", *options],
             root / "scheduler.log",
-        )
+        )  # fmt: skip
         processes.append(scheduler)
         addr = scheduler_address(scheduler, scheduler_file, root / "scheduler.log")
         cluster = ExternalCluster(scheduler_file, addr, scheduler)
         for i in range(n_workers):
             worker = start_in_session(
-                [
-                    *dask_command(),
-                    "worker",
-                    "--scheduler-file",
-                    str(scheduler_file),
-                    "--nworkers",
-                    "1",
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                    "--local-directory",
-                    str(root / f"worker-{i}"),
-                ],
+                [*dask_command(), "worker", addr, "--nworkers", "1", "--nthreads", "1",
+                 "--no-dashboard", "--local-directory", str(root / f"worker-{i}"), *options],
                 root / f"worker-{i}.log",
-            )
+            )  # fmt: skip
             processes.append(worker)
             cluster.workers.append(worker)
-        with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
+        with Client(addr, security=security, timeout="30s") as client:
             wait_for(
                 lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == n_workers,
                 90,
-                f"{n_workers} workers to connect",
+                f"{n_workers} workers to connect to {addr}",
             )
         yield cluster
     finally:

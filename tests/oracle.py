@@ -2,6 +2,10 @@
 
 - `rel_err` / `norm_rel_err`: elementwise and normwise relative errors;
 - `variances`: the diagonal of covariances of any type;
+- `dense_covariances`: covariances (or precisions) of any type as (K, D, D) matrices;
+- `diagonal_covariances`: per-type diagonal parameters from one value per feature;
+- `random_covariances`: random, correlated covariances of a type from a generator;
+- `second_moments`: per-component (K, D, D) moments in the layout of ``SuffStats.s2``;
 - `same_inits`: ``weights_init`` / ``means_init`` / ``precisions_init`` that both libraries
   accept, also for collapsed data;
 - `zarr_dask`: rows written to a real Zarr store on disk, opened as a Dask array;
@@ -54,21 +58,111 @@ def variances(covariances: np.ndarray, covariance_type: str) -> np.ndarray:
     return covariances
 
 
+def dense_covariances(
+    covariances: np.ndarray, covariance_type: str, n_components: int, n_features: int
+) -> np.ndarray:
+    """Covariances (or precisions) of any type as matrices.
+
+    Parameters
+    ----------
+    covariances : ndarray, shape from `dask_em.params.covariance_shape`
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    n_components, n_features : int
+        ``K`` and ``D``.
+
+    Returns
+    -------
+    ndarray of shape (K, D, D)
+    """
+    if covariance_type == "full":
+        return covariances
+    if covariance_type == "tied":
+        return np.repeat(covariances[None], n_components, axis=0)
+    if covariance_type == "diag":
+        return np.stack([np.diag(c) for c in covariances])
+    return np.stack([c * np.eye(n_features) for c in covariances])
+
+
+def diagonal_covariances(values: np.ndarray, covariance_type: str, n_components: int) -> np.ndarray:
+    """Diagonal covariances (or precisions) of a type, the same for every component.
+
+    Parameters
+    ----------
+    values : ndarray of shape (D,)
+        The diagonal; ``spherical`` takes its mean.
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    n_components : int
+
+    Returns
+    -------
+    ndarray, shape from `dask_em.params.covariance_shape`
+    """
+    return {
+        "full": np.repeat(np.diag(values)[None], n_components, axis=0),
+        "tied": np.diag(values),
+        "diag": np.repeat(values[None], n_components, axis=0),
+        "spherical": np.full(n_components, float(values.mean())),
+    }[covariance_type]
+
+
+def random_covariances(
+    rng: np.random.Generator,
+    covariance_type: str,
+    n_components: int,
+    n_features: int,
+    ridge: float = 0.5,
+) -> np.ndarray:
+    """Random covariances of a type: correlated ``A A^T / D + ridge I`` (``tied``: the
+    first component's), variances uniform in [0.5, 2) for ``diag``/``spherical``.
+
+    Draws the same numbers from ``rng`` whatever the type (so that what a caller draws
+    next does not depend on it).
+
+    Returns
+    -------
+    ndarray, shape from `dask_em.params.covariance_shape`
+    """
+    k, d = n_components, n_features
+    a = rng.normal(size=(k, d, d))
+    full = a @ np.swapaxes(a, 1, 2) / d + ridge * np.eye(d)
+    return {
+        "full": full,
+        "tied": full[0],
+        "diag": rng.uniform(0.5, 2.0, size=(k, d)),
+        "spherical": rng.uniform(0.5, 2.0, size=k),
+    }[covariance_type]
+
+
+def second_moments(full: np.ndarray, covariance_type: str) -> np.ndarray:
+    """Per-component second moments in the layout of ``SuffStats.s2``.
+
+    Parameters
+    ----------
+    full : ndarray of shape (K, D, D)
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+
+    Returns
+    -------
+    ndarray, shape from `dask_em.params.second_moment_shape`
+        ``full`` itself, its sum over components (``tied``) or the diagonals (K, D).
+    """
+    return {
+        "full": full,
+        "tied": full.sum(axis=0),
+        "diag": np.einsum("kii->ki", full),
+        "spherical": np.einsum("kii->ki", full),
+    }[covariance_type]
+
+
 def same_inits(X: np.ndarray, covariance_type: str, means: np.ndarray) -> dict[str, np.ndarray]:
     """``weights_init`` (uniform), ``means_init`` and ``precisions_init`` (diagonal, from
     the per-feature variances plus 1e-3, so that it exists for collapsed data too)."""
     k = means.shape[0]
     precision = 1.0 / (X.var(axis=0) + 1e-3)
-    precisions = {
-        "full": np.repeat(np.diag(precision)[None], k, axis=0),
-        "tied": np.diag(precision),
-        "diag": np.repeat(precision[None], k, axis=0),
-        "spherical": np.full(k, float(precision.mean())),
-    }[covariance_type]
     return {
         "weights_init": np.full(k, 1.0 / k),
         "means_init": np.asarray(means, dtype=np.float64),
-        "precisions_init": precisions,
+        "precisions_init": diagonal_covariances(precision, covariance_type, k),
     }
 
 

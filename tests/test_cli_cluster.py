@@ -84,19 +84,8 @@ def test_predict_and_score_on_an_external_cluster(
     import zarr
 
     data = write_array(tmp_path / "data.zarr", mixture(5000, 3, 2, seed=13), (500, 3))
-    assert_ok(
-        run_cli(
-            "fit",
-            data,
-            "--n-components",
-            "2",
-            "--output",
-            tmp_path / "m.zarr",
-            "--quiet",
-            "--scheduler-file",
-            external_cluster["scheduler_file"],
-        )
-    )
+    fit = ["fit", data, "--n-components", "2", "--output", tmp_path / "m.zarr", "--quiet"]
+    assert_ok(run_cli(*fit, "--scheduler-file", external_cluster["scheduler_file"]))
     where = {
         "external": ["--scheduler-file", str(external_cluster["scheduler_file"])],
         "local": list(LOCAL),
@@ -128,15 +117,7 @@ def test_unreachable_scheduler_exits_2_with_one_line(tmp_path: Path) -> None:
     """Nothing listens on tcp://127.0.0.1:1: after the connect timeout, status 2 and one
     line naming the address; no model written."""
     data = write_array(tmp_path / "data.zarr", mixture(500, 2, 2, seed=0))
-    result = run_cli(
-        "fit",
-        data,
-        "--n-components",
-        "2",
-        "--output",
-        tmp_path / "m.zarr",
-        "--scheduler",
-        "tcp://127.0.0.1:1",
-    )
+    fit = ["fit", data, "--n-components", "2", "--output", tmp_path / "m.zarr"]
+    result = run_cli(*fit, "--scheduler", "tcp://127.0.0.1:1")
     assert_usage_error(result, "cannot connect to the Dask scheduler at tcp://127.0.0.1:1")
     assert not (tmp_path / "m.zarr").exists()

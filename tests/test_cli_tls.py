@@ -26,14 +26,10 @@ from cli_helpers import (
     assert_ok,
     assert_same_fit,
     assert_usage_error,
-    dask_command,
-    kill_group,
     mixture,
     run_cli,
     run_many,
-    scheduler_address,
-    start_in_session,
-    wait_for,
+    start_external_cluster,
     write_array,
 )
 
@@ -110,56 +106,25 @@ def start_tls_cluster(
     root: Path, certificates: Certificates, n_workers: int = 2
 ) -> Iterator[TLSCluster]:
     """``dask scheduler --protocol tls`` and ``n_workers`` ``dask worker tls://…``
-    processes using ``certificates``, up and connected; all killed on exit."""
-    from distributed import Client, Security
+    processes using ``certificates`` (`cli_helpers.start_external_cluster`), up and
+    connected; all killed on exit."""
+    from distributed import Security
 
-    scheduler_file = root / "scheduler.json"
-    processes: list[subprocess.Popen[str]] = []
-    tls = certificates.options()
-    try:
-        scheduler = start_in_session(
-            [*dask_command(), "scheduler", "--protocol", "tls", "--host", "127.0.0.1",
-             "--port", "0", "--scheduler-file", str(scheduler_file), "--no-dashboard", *tls],
-            root / "scheduler.log",
-        )  # fmt: skip
-        processes.append(scheduler)
-        addr = scheduler_address(scheduler, scheduler_file, root / "scheduler.log")
-        assert addr.startswith("tls://127.0.0.1:"), addr
-        for i in range(n_workers):
-            processes.append(
-                start_in_session(
-                    [
-                        *dask_command(),
-                        "worker",
-                        addr,
-                        "--nworkers",
-                        "1",
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--local-directory",
-                        str(root / f"worker-{i}"),
-                        *tls,
-                    ],
-                    root / f"worker-{i}.log",
-                )  # fmt: skip
-            )
-        security = Security(
-            tls_ca_file=str(certificates.ca),
-            tls_client_cert=str(certificates.cert),
-            tls_client_key=str(certificates.key),
-            require_encryption=True,
-        )
-        with Client(addr, security=security, timeout="30s") as client:
-            wait_for(
-                lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == n_workers,
-                90,
-                f"{n_workers} TLS workers to connect",
-            )
-        yield TLSCluster(addr, scheduler_file, certificates)
-    finally:
-        for process in reversed(processes):
-            kill_group(process)
+    security = Security(
+        tls_ca_file=str(certificates.ca),
+        tls_client_cert=str(certificates.cert),
+        tls_client_key=str(certificates.key),
+        require_encryption=True,
+    )
+    with start_external_cluster(
+        root,
+        n_workers,
+        scheduler_options=["--protocol", "tls"],
+        options=certificates.options(),
+        security=security,
+    ) as cluster:
+        assert cluster.address.startswith("tls://127.0.0.1:"), cluster.address
+        yield TLSCluster(cluster.address, cluster.scheduler_file, certificates)
 
 
 @pytest.fixture(scope="module")

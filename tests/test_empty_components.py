@@ -31,7 +31,15 @@ import dask.array as da
 import numpy as np
 import pytest
 from cli_helpers import assert_same_fit
-from oracle import assert_no_nan, fit_sklearn, norm_rel_err, rel_err, same_inits, zarr_dask
+from oracle import (
+    assert_no_nan,
+    dense_covariances,
+    fit_sklearn,
+    norm_rel_err,
+    rel_err,
+    same_inits,
+    zarr_dask,
+)
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
@@ -62,17 +70,6 @@ def two_clusters(seed: int) -> np.ndarray:
 def far_inits(X: np.ndarray, covariance_type: str) -> dict[str, np.ndarray]:
     """Initial parameters: a mean at a row of each cluster and one 1e6 away."""
     return same_inits(X, covariance_type, np.vstack([X[[0, N - 1]], FAR]))
-
-
-def full_covariances(covariances: np.ndarray, covariance_type: str, k: int, d: int) -> np.ndarray:
-    """Covariances of any type as (k, d, d) matrices."""
-    if covariance_type == "full":
-        return covariances
-    if covariance_type == "tied":
-        return np.repeat(covariances[None], k, axis=0)
-    if covariance_type == "diag":
-        return np.stack([np.diag(c) for c in covariances])
-    return np.stack([c * np.eye(d) for c in covariances])
 
 
 def log_density(
@@ -129,7 +126,7 @@ def test_far_component_is_reseeded_at_the_worst_row_then_follows_sklearn(
     params = dict(n_components=3, covariance_type=covariance_type, tol=TOL, **inits)
 
     # the worst-fitted row under the initial parameters, with SciPy
-    cov0 = np.linalg.inv(full_covariances(inits["precisions_init"], covariance_type, 3, 2))
+    cov0 = np.linalg.inv(dense_covariances(inits["precisions_init"], covariance_type, 3, 2))
     worst = int(np.argmin(log_density(X, inits["weights_init"], inits["means_init"], cov0)))
     # scikit-learn's first M-step, then the documented re-seed of component 2
     sk1 = fit_sklearn(X, **params, max_iter=1)

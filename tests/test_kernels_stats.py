@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import fit_sklearn
+from oracle import dense_covariances, fit_sklearn, random_covariances, second_moments
 from scipy import stats as sps
 
 from dask_em import init_kernels, kernels
@@ -58,32 +58,13 @@ def make_params(covariance_type: str, seed: int = 0, n_features: int = N_FEATURE
     k, d = N_COMPONENTS, n_features
     weights = rng.dirichlet(np.full(k, 2.0))
     means = rng.normal(scale=3.0, size=(k, d))
-    a = rng.normal(size=(k, d, d))
-    full = a @ np.swapaxes(a, 1, 2) / d + 0.5 * np.eye(d)
-    covariances = {
-        "full": full,
-        "tied": full[0],
-        "diag": rng.uniform(0.5, 2.0, size=(k, d)),
-        "spherical": rng.uniform(0.5, 2.0, size=k),
-    }[covariance_type]
+    covariances = random_covariances(rng, covariance_type, k, d)
     return GMMParams.from_covariances(weights, means, covariances, covariance_type)
-
-
-def full_covariances(params: GMMParams) -> np.ndarray:
-    """The (K, D, D) covariance matrices of any covariance type."""
-    k, d = params.n_components, params.n_features
-    c = params.covariances
-    return {
-        "full": lambda: c,
-        "tied": lambda: np.repeat(c[None], k, axis=0),
-        "diag": lambda: np.stack([np.diag(v) for v in c]),
-        "spherical": lambda: np.stack([v * np.eye(d) for v in c]),
-    }[params.covariance_type]()
 
 
 def naive_stats(X: np.ndarray, w: np.ndarray | None, params: GMMParams) -> SuffStats:
     """Statistics computed the obvious way from SciPy densities (the oracle)."""
-    covs = full_covariances(params)
+    covs = dense_covariances(params.covariances, params.covariance_type, *params.means.shape)
     log_dens = np.stack(
         [sps.multivariate_normal(m, c).logpdf(X) for m, c in zip(params.means, covs, strict=True)],
         axis=1,
@@ -96,12 +77,7 @@ def naive_stats(X: np.ndarray, w: np.ndarray | None, params: GMMParams) -> SuffS
     n = r.sum(axis=0)
     s1 = np.einsum("nk,nkd->kd", r, diff)
     outer = np.einsum("nk,nki,nkj->kij", r, diff, diff)
-    s2 = {
-        "full": outer,
-        "tied": outer.sum(axis=0),
-        "diag": np.einsum("kii->ki", outer),
-        "spherical": np.einsum("kii->ki", outer),
-    }[params.covariance_type]
+    s2 = second_moments(outer, params.covariance_type)
     return SuffStats(n, s1, s2, float(norm @ w), float(w.sum()), X.shape[0])
 
 
@@ -121,11 +97,9 @@ def assert_stats_close(actual: SuffStats, expected: SuffStats, rtol: float) -> N
 def test_log_gaussian_prob_equals_scipy_logpdf(covariance_type):
     params = make_params(covariance_type)
     X = X_DATA[:500]
+    covs = dense_covariances(params.covariances, covariance_type, *params.means.shape)
     expected = np.stack(
-        [
-            sps.multivariate_normal(m, c).logpdf(X)
-            for m, c in zip(params.means, full_covariances(params), strict=True)
-        ],
+        [sps.multivariate_normal(m, c).logpdf(X) for m, c in zip(params.means, covs, strict=True)],
         axis=1,
     )
     got = kernels.log_gaussian_prob(X, params.means, params.precisions_cholesky, covariance_type)

@@ -26,6 +26,7 @@ from dataclasses import replace
 import dask.array as da
 import numpy as np
 import pytest
+from oracle import dense_covariances, diagonal_covariances, random_covariances, second_moments
 from scipy import stats as sps
 from sklearn.impute import KNNImputer
 
@@ -41,17 +42,9 @@ N_FEATURES = 4
 
 
 # ------------------------------------------------------------------------ oracle
-def dense_covariances(params: GMMParams) -> np.ndarray:
+def component_covariances(params: GMMParams) -> np.ndarray:
     """The (K, D, D) covariance matrix of each component, whatever the covariance type."""
-    k, d = params.n_components, params.n_features
-    c = params.covariances
-    if params.covariance_type == "full":
-        return c
-    if params.covariance_type == "tied":
-        return np.repeat(c[None], k, axis=0)
-    if params.covariance_type == "diag":
-        return np.stack([np.diag(v) for v in c])
-    return np.stack([v * np.eye(d) for v in c])
+    return dense_covariances(params.covariances, params.covariance_type, *params.means.shape)
 
 
 def oracle_row(x: np.ndarray, params: GMMParams) -> tuple[float, np.ndarray, list, list]:
@@ -61,7 +54,7 @@ def oracle_row(x: np.ndarray, params: GMMParams) -> tuple[float, np.ndarray, lis
     o = ~np.isnan(x)
     m = ~o
     log_dens, xhats, conds = [], [], []
-    for w, mu, cov in zip(params.weights, params.means, dense_covariances(params), strict=True):
+    for w, mu, cov in zip(params.weights, params.means, component_covariances(params), strict=True):
         s_oo = cov[np.ix_(o, o)]
         log_marginal = sps.multivariate_normal(mu[o], s_oo).logpdf(x[o]) if o.any() else 0.0
         log_dens.append(np.log(w) + log_marginal)
@@ -97,12 +90,7 @@ def oracle_stats(X: np.ndarray, w: np.ndarray | None, params: GMMParams) -> Suff
             n[j] += r
             s1[j] += r * diff
             full[j] += r * (np.outer(diff, diff) + conds[j])
-    s2 = {
-        "full": full,
-        "tied": full.sum(axis=0),
-        "diag": np.einsum("kii->ki", full),
-        "spherical": np.einsum("kii->ki", full),
-    }[params.covariance_type]
+    s2 = second_moments(full, params.covariance_type)
     return SuffStats(n, s1, s2, loglik, float(w.sum()), X.shape[0])
 
 
@@ -137,14 +125,7 @@ def make_params(
     """Arbitrary valid, correlated mixture parameters of a covariance type."""
     rng = np.random.default_rng(seed)
     k, d = N_COMPONENTS, n_features
-    a = rng.normal(size=(k, d, d))
-    full = a @ np.swapaxes(a, 1, 2) / d + 0.5 * np.eye(d)
-    covariances = {
-        "full": full,
-        "tied": full[0],
-        "diag": rng.uniform(0.5, 2.0, size=(k, d)),
-        "spherical": rng.uniform(0.5, 2.0, size=k),
-    }[covariance_type]
+    covariances = random_covariances(rng, covariance_type, k, d)
     means = rng.normal(scale=2.0, size=(k, d)) + offset
     return GMMParams.from_covariances(
         rng.dirichlet(np.full(k, 3.0)), means, covariances, covariance_type
@@ -155,7 +136,7 @@ def sample_rows(params: GMMParams, n: int, seed: int) -> np.ndarray:
     """Rows drawn from ``params``'s mixture."""
     rng = np.random.default_rng(seed)
     labels = rng.choice(params.n_components, size=n, p=params.weights)
-    chol = np.linalg.cholesky(dense_covariances(params))
+    chol = np.linalg.cholesky(component_covariances(params))
     z = rng.standard_normal((n, params.n_features))
     return params.means[labels] + np.einsum("nij,nj->ni", chol[labels], z)
 
@@ -408,14 +389,7 @@ def truth_params(covariance_type: str, seed: int) -> GMMParams:
     """A mixture of three identifiable, correlated components (weights 0.5, 0.3, 0.2)."""
     rng = np.random.default_rng(seed)
     k, d = N_COMPONENTS, N_FEATURES
-    a = rng.normal(size=(k, d, d))
-    full = a @ np.swapaxes(a, 1, 2) / d + 0.3 * np.eye(d)
-    covariances = {
-        "full": full,
-        "tied": full[0],
-        "diag": rng.uniform(0.5, 2.0, size=(k, d)),
-        "spherical": rng.uniform(0.5, 2.0, size=k),
-    }[covariance_type]
+    covariances = random_covariances(rng, covariance_type, k, d, ridge=0.3)
     means = rng.normal(scale=3.0, size=(k, d))
     return GMMParams.from_covariances(
         np.array([0.5, 0.3, 0.2]), means, covariances, covariance_type
@@ -426,7 +400,7 @@ def fit_errors(fit: GMMParams, reference: GMMParams) -> dict[str, float]:
     """How far ``fit`` is from ``reference``: largest weight difference, largest mean
     difference in units of the reference's standard deviation, normwise relative error
     of the covariances."""
-    sd = np.sqrt(np.einsum("kii->ki", dense_covariances(reference)))
+    sd = np.sqrt(np.einsum("kii->ki", component_covariances(reference)))
     return {
         "weights": float(np.max(np.abs(fit.weights - reference.weights))),
         "means_sd": float(np.max(np.abs(fit.means - reference.means) / sd)),
@@ -450,12 +424,7 @@ def start_params(X: np.ndarray, covariance_type: str, seed: int) -> GMMParams:
     col_var = np.nanvar(X, axis=0)
     means = np.where(np.isnan(X), col_mean, X)[rng.choice(X.shape[0], N_COMPONENTS, replace=False)]
     k = N_COMPONENTS
-    covariances = {
-        "full": np.repeat(np.diag(col_var)[None], k, axis=0),
-        "tied": np.diag(col_var),
-        "diag": np.repeat(col_var[None], k, axis=0),
-        "spherical": np.full(k, float(col_var.mean())),
-    }[covariance_type]
+    covariances = diagonal_covariances(col_var, covariance_type, k)
     return GMMParams.from_covariances(np.full(k, 1.0 / k), means, covariances, covariance_type)
 
 

@@ -32,15 +32,14 @@ from cli_helpers import (
     LOCAL,
     assert_ok,
     assert_usage_error,
-    current_iteration,
     kill_group,
     mixture,
-    peek_checkpoint,
     run_cli,
     run_many,
     snapshot,
     start_cli,
     wait_for,
+    wait_for_committed,
     write_array,
 )
 
@@ -239,12 +238,7 @@ def test_a_running_cli_fit_holds_the_lock_until_killed(tmp_path: Path) -> None:
     command += ["--checkpoint-dir", ckpt, "--output", tmp_path / "m.zarr", "--quiet", *LOCAL]
     first = start_cli(*command)
     try:
-        wait_for(
-            lambda: first.poll() is not None or current_iteration(peek_checkpoint(ckpt)) >= 2,
-            120,
-            "the first fit to checkpoint two iterations",
-        )
-        assert first.poll() is None, first.stderr.read() if first.stderr else ""
+        wait_for_committed(first, ckpt, 2, 120)
         results = run_many({"second": command, "info": ["info", ckpt]})
         assert_usage_error(results["second"], "in use by another fit", f"pid {first.pid}")
         assert_ok(results["info"])

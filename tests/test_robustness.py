@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import norm_rel_err, rel_err
+from oracle import dense_covariances, diagonal_covariances, norm_rel_err, rel_err
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
@@ -37,15 +37,7 @@ def fit(X: da.Array, **kw: object) -> GaussianMixture:
 
 def full_covariances(gm: GaussianMixture) -> np.ndarray:
     """Every component's covariance as a (K, D, D) matrix, whatever the type."""
-    k, d = gm.means_.shape
-    cov = gm.covariances_
-    if gm.covariance_type == "full":
-        return cov
-    if gm.covariance_type == "tied":
-        return np.broadcast_to(cov, (k, d, d))
-    if gm.covariance_type == "diag":
-        return np.stack([np.diag(c) for c in cov])
-    return np.stack([np.eye(d) * c for c in cov])
+    return dense_covariances(gm.covariances_, gm.covariance_type, *gm.means_.shape)
 
 
 def assert_valid_mixture(gm: GaussianMixture) -> None:
@@ -185,12 +177,7 @@ def test_extreme_scales_match_sklearn_where_it_converges(covariance_type, offset
         tol=1e-6,
         max_iter=500,
         weights_init=np.full(3, 1 / 3),
-        precisions_init={
-            "full": np.repeat(np.diag(precision)[None], 3, axis=0),
-            "tied": np.diag(precision),
-            "diag": np.repeat(precision[None], 3, axis=0),
-            "spherical": np.full(3, precision.mean()),
-        }[covariance_type],
+        precisions_init=diagonal_covariances(precision, covariance_type, 3),
     )
     sk = SkGaussianMixture(means_init=Xs[:3], **kw).fit(Xs)
     assert sk.converged_
