@@ -427,7 +427,9 @@ def slurm_cluster(
         More ``sbatch`` options, one per ``#SBATCH`` line, e.g. ``['-A proj']``;
         replaces the configuration's list.
     **kwargs
-        Passed to ``SLURMCluster`` (e.g. ``processes``, ``interface``, ``log_directory``).
+        Passed to ``SLURMCluster`` (e.g. ``processes``, ``interface``, ``log_directory``);
+        ``scheduler_options`` are merged with the configured ones, and the dashboard
+        takes a free port unless they name one.
 
     Returns
     -------
@@ -472,7 +474,14 @@ def slurm_cluster(
                 "configuration file.",
                 parameter=name,
             )
-    cluster = SLURMCluster(**options, **kwargs)
+    # the dashboard on a free port (as the local cluster's) unless configured: a busy
+    # 8787 would be a warning on stderr
+    scheduler_options = {
+        "dashboard_address": ":0",
+        **dask.config.get("jobqueue.slurm.scheduler-options", {}),
+        **kwargs.pop("scheduler_options", {}),
+    }
+    cluster = SLURMCluster(**options, scheduler_options=scheduler_options, **kwargs)
     try:
         _check_job_script(cluster.job_script())
         cluster.scale(jobs=jobs)
