@@ -31,7 +31,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from dask_em import __version__
 from dask_em.checkpoint import check_available, describe
-from dask_em.cluster import connect, tls_security
+from dask_em.cluster import connect, connect_slurm, tls_security
 from dask_em.datasets import STORE_CHUNK_ROWS, generate, true_labels
 from dask_em.errors import (
     CheckpointWarning,
@@ -61,14 +61,20 @@ OPTION_NAMES = {
     "cert": "--tls-cert",
     "checkpoint_dir": "--checkpoint-dir",
     "chunk_rows": "--chunk-rows",
+    "cores": "--cores",
+    "job_extra_directives": "--job-extra",
+    "jobs": "--jobs",
     "key": "--tls-key",
+    "memory": "--memory",
     "memory_limit": "--memory-limit",
     "n_components": "--n-components",
+    "queue": "--queue",
     "reg_covar": "--reg-covar",
     "restart": "--restart",
     "scheduler": "--scheduler",
     "scheduler_file": "--scheduler-file",
     "security": "--tls-ca-file/--tls-cert/--tls-key",
+    "walltime": "--walltime",
 }
 """The option of each parameter a library message may name (`dask_em.errors.PYTHON_WORDS`)."""
 
@@ -138,6 +144,38 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tls-key", metavar="PEM", help="TLS scheduler: the client certificate's private key"
     )
+    g.add_argument(
+        "--cluster",
+        choices=["local", "slurm"],
+        default="local",
+        help="where the workers run: a local cluster, or SLURM jobs (default local)",
+    )
+    _add_slurm_options(p)
+
+
+SLURM_OPTIONS = ("jobs", "cores", "memory", "walltime", "queue", "job_extra")
+"""Destinations of the options of `_add_slurm_options`."""
+
+
+def _add_slurm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "SLURM (with --cluster slurm; options not given come from the dask-jobqueue "
+        "configuration, jobqueue.slurm.*)"
+    )
+    g.add_argument(
+        "--jobs", type=_positive_int, metavar="N", help="SLURM jobs of Dask workers (default 1)"
+    )
+    g.add_argument("--cores", type=_positive_int, metavar="C", help="CPU cores of each job")
+    g.add_argument("--memory", metavar="SIZE", help="memory of each job, e.g. 8GiB")
+    g.add_argument("--walltime", metavar="HH:MM:SS", help="time limit of each job")
+    g.add_argument("--queue", metavar="PARTITION", help="SLURM partition of the jobs")
+    g.add_argument(
+        "--job-extra",
+        action="append",
+        metavar="OPTION",
+        help="an extra sbatch option for the jobs, e.g. --job-extra=--account=proj "
+        "(repeat for more)",
+    )
 
 
 def _add_chunk_rows_option(p: argparse.ArgumentParser) -> None:
@@ -158,6 +196,24 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 "--n-workers/--threads-per-worker/--memory-limit shape a local cluster; "
                 "drop them with --scheduler or --scheduler-file."
             )
+    if getattr(args, "cluster", "local") == "slurm":
+        given = [
+            option
+            for option in ("scheduler", "scheduler_file", "n_workers", "threads_per_worker")
+            + ("memory_limit", "tls_ca_file", "tls_cert", "tls_key")
+            if getattr(args, option)
+        ]
+        if given:
+            flags = "/".join("--" + name.replace("_", "-") for name in given)
+            parser.error(
+                f"{flags} cannot be used with --cluster slurm (SLURM jobs are shaped by "
+                "--jobs/--cores/--memory); drop them."
+            )
+    elif any(getattr(args, name, None) for name in SLURM_OPTIONS):
+        parser.error(
+            "--jobs/--cores/--memory/--walltime/--queue/--job-extra shape SLURM jobs: "
+            "give --cluster slurm too."
+        )
     tls = [getattr(args, name, None) for name in ("tls_ca_file", "tls_cert", "tls_key")]
     if any(tls) and not (tls[0] and tls[1]):
         parser.error(
@@ -169,6 +225,16 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def _cluster(args: argparse.Namespace) -> Any:
+    if args.cluster == "slurm":
+        return connect_slurm(
+            args.jobs or 1,
+            quiet=getattr(args, "quiet", False),
+            cores=args.cores,
+            memory=args.memory,
+            walltime=args.walltime,
+            queue=args.queue,
+            job_extra_directives=args.job_extra,
+        )
     security = None
     if args.tls_ca_file:
         security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)

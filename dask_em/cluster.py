@@ -1,4 +1,5 @@
-"""Getting a Dask ``distributed.Client``: an embedded local cluster, an address or a scheduler file.
+"""Getting a Dask ``distributed.Client``: an embedded local cluster, an address, a scheduler
+file, or workers started as SLURM jobs.
 
 `connect` is a context manager that yields a client set as Dask's default scheduler
 for the duration, so the library's ``compute`` calls run on it, and closes what it
@@ -6,6 +7,8 @@ started. Connection problems become one-line `dask_em.errors.ClusterError` messa
 the loss of an external scheduler mid-work (`scheduler_loss_reported`) and workers
 dying on a task (`killed_workers_reported`). `tls_security`
 builds the ``distributed.Security`` of a TLS connection (``tls://`` addresses).
+`slurm_cluster` and `connect_slurm` start the workers as SLURM jobs through
+dask-jobqueue's ``SLURMCluster`` (the ``slurm`` extra; imported here only, when used).
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import json
 import logging
 import os
 import re
+import shutil
 import ssl
+import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from typing import Any
 
-from dask_em.errors import ClusterError, ParameterError
+from dask_em.errors import ClusterError, ParameterError, invalid_parameter
 
 CONNECT_TIMEOUT = "20s"
 
@@ -377,6 +382,208 @@ def connect(
             workers = len(cluster.workers)
             print(
                 f"local Dask cluster: {workers} worker process(es), dashboard {client.dashboard_link}",
+                file=sys.stderr,
+                flush=True,
+            )
+        yield client
+
+
+SLURM_JOB_OPTIONS = "{cores}, {memory}, {walltime}, {queue} and {job_extra_directives}"
+"""The options of a SLURM worker job (parameters of `slurm_cluster`), as
+`dask_em.errors.UserError` fields."""
+
+
+def slurm_cluster(
+    jobs: int = 1,
+    *,
+    cores: int | None = None,
+    memory: str | None = None,
+    walltime: str | None = None,
+    queue: str | None = None,
+    job_extra_directives: list[str] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A dask-jobqueue ``SLURMCluster`` that has asked SLURM for ``jobs`` worker jobs.
+
+    Options left as None take their value from the dask-jobqueue configuration
+    (``jobqueue.slurm.*`` in ``~/.config/dask/jobqueue.yaml`` or ``$DASK_CONFIG``), then
+    from dask-jobqueue's defaults. The job script is checked by ``sbatch`` in its test-only mode
+    before any job is submitted, so options SLURM refuses fail at once.
+
+    Parameters
+    ----------
+    jobs : int, default 1
+        SLURM jobs to submit; each runs ``processes`` Dask workers (dask-jobqueue's
+        default or configuration: about the square root of ``cores``).
+    cores : int, optional
+        CPU cores of each job (SLURM's cpus-per-task), shared by its workers.
+    memory : str, optional
+        Memory of each job, e.g. ``'4GiB'`` (SLURM's mem), shared by its workers.
+    walltime : str, optional
+        Time limit of each job, ``'HH:MM:SS'`` (``#SBATCH -t``).
+    queue : str, optional
+        SLURM partition (``#SBATCH -p``).
+    job_extra_directives : list of str, optional
+        More ``sbatch`` options, one per ``#SBATCH`` line, e.g. ``['-A proj']``;
+        replaces the configuration's list.
+    **kwargs
+        Passed to ``SLURMCluster`` (e.g. ``processes``, ``interface``, ``log_directory``);
+        ``scheduler_options`` are merged with the configured ones, and the dashboard
+        takes a free port unless they name one.
+
+    Returns
+    -------
+    dask_jobqueue.SLURMCluster
+
+    Raises
+    ------
+    ClusterError
+        If dask-jobqueue or ``sbatch`` is missing, or SLURM refuses the job script.
+    ParameterError
+        If ``jobs`` is not a positive integer, or ``cores`` or ``memory`` is neither
+        given nor configured.
+    """
+    import dask
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise invalid_parameter("jobs", jobs, "use a positive integer")
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ClusterError(
+            "SLURM clusters need the dask-jobqueue package: pip install 'dask-em[slurm]'."
+        ) from None
+    if shutil.which("sbatch") is None:
+        raise ClusterError(
+            "no sbatch command here: start dask-em on a machine that submits SLURM jobs "
+            "(a login node) with SLURM's commands on its PATH."
+        )
+    options = {
+        "cores": cores,
+        "memory": memory,
+        "walltime": walltime,
+        "queue": queue,
+        "job_extra_directives": job_extra_directives,
+    }
+    options = {name: value for name, value in options.items() if value is not None}
+    for name in ("cores", "memory"):
+        if name not in options and dask.config.get(f"jobqueue.slurm.{name}", None) is None:
+            raise ParameterError(
+                "give the {cores} and {memory} of each SLURM job, or set them as "
+                "jobqueue.slurm.cores and jobqueue.slurm.memory in a dask-jobqueue "
+                "configuration file.",
+                parameter=name,
+            )
+    # the dashboard on a free port (as the local cluster's) unless configured: a busy
+    # 8787 would be a warning on stderr
+    scheduler_options = {
+        "dashboard_address": ":0",
+        **dask.config.get("jobqueue.slurm.scheduler-options", {}),
+        **kwargs.pop("scheduler_options", {}),
+    }
+    cluster = SLURMCluster(**options, scheduler_options=scheduler_options, **kwargs)
+    try:
+        _check_job_script(cluster.job_script())
+        cluster.scale(jobs=jobs)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def _check_job_script(script: str) -> None:
+    """Raise `ClusterError` with sbatch's words if SLURM would refuse ``script``."""
+    result = subprocess.run(
+        ["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0:
+        said = "; ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+        raise ClusterError(
+            f"SLURM refused the Dask worker job ({said or f'sbatch exit status {result.returncode}'}); "
+            f"check {SLURM_JOB_OPTIONS}."
+        )
+
+
+def _slurm_jobs_queued(job_ids: list[str]) -> bool:
+    """Whether SLURM still has one of ``job_ids`` pending or running (per ``squeue``)."""
+    result = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode == 0 and bool(result.stdout.strip())
+
+
+SLURM_POLL_SECONDS = 2.0
+"""How often `connect_slurm` checks, while no worker has connected, that its jobs are queued."""
+
+
+def _wait_for_slurm_worker(cluster: Any, client: Any) -> None:
+    """Return once a worker of ``cluster`` has connected to ``client``'s scheduler.
+
+    Waits as long as SLURM keeps a job of the cluster pending or running (a busy queue
+    can take hours); raises `ClusterError` if they all ended with no worker connected.
+    """
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=SLURM_POLL_SECONDS)
+            return
+        except TimeoutError:
+            pass
+        job_ids = [job.job_id for job in cluster.workers.values() if job.job_id]
+        if job_ids and not _slurm_jobs_queued(job_ids):
+            raise ClusterError(
+                f"the SLURM job(s) {', '.join(job_ids)} ended before their Dask worker "
+                "connected; their output (slurm-JOBID.out in the working directory, or the "
+                "log-directory of the dask-jobqueue configuration) says why."
+            )
+
+
+@contextmanager
+def connect_slurm(jobs: int = 1, *, quiet: bool = False, **options: Any) -> Iterator[object]:
+    """A ``distributed.Client`` on workers started as SLURM jobs, for the ``with`` block.
+
+    The scheduler runs in this process; `slurm_cluster` submits the jobs. The block starts
+    once a worker has connected, and the jobs are cancelled (``scancel``) when it ends.
+
+    Parameters
+    ----------
+    jobs : int, default 1
+        SLURM jobs to submit.
+    quiet : bool
+        Do not print the job ids and the dashboard address.
+    **options
+        The job options of `slurm_cluster` (``cores``, ``memory``, ``walltime``,
+        ``queue``, ``job_extra_directives``...).
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    ClusterError
+        As `slurm_cluster`; also if every job ended before a worker connected, or if
+        workers died on a task within the block (``KilledWorker``).
+    ParameterError
+        As `slurm_cluster`.
+    """
+    from distributed import Client
+
+    cluster = slurm_cluster(jobs, **options)
+    with cluster, Client(cluster, set_as_default=True) as client, killed_workers_reported():
+        if not quiet:
+            print(
+                f"submitted {jobs} SLURM job(s) of Dask workers; waiting for one to connect",
+                file=sys.stderr,
+                flush=True,
+            )
+        _wait_for_slurm_worker(cluster, client)
+        if not quiet:
+            job_ids = ", ".join(job.job_id for job in cluster.workers.values() if job.job_id)
+            print(
+                f"SLURM cluster: job(s) {job_ids}, dashboard {client.dashboard_link}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -44,14 +44,20 @@ PYTHON_WORDS: dict[str, str] = {
     "cert": "cert",
     "checkpoint_dir": "checkpoint_dir",
     "chunk_rows": "chunk_rows",
+    "cores": "cores",
+    "job_extra_directives": "job_extra_directives",
+    "jobs": "jobs",
     "key": "key",
+    "memory": "memory",
     "memory_limit": "memory_limit",
     "n_components": "n_components",
+    "queue": "queue",
     "reg_covar": "reg_covar",
     "restart": "fit(..., restart=True)",
     "scheduler": "scheduler",
     "scheduler_file": "scheduler_file",
     "security": "security",
+    "walltime": "walltime",
 }
 """The fields a message template may hold, each with its wording for a Python user.
 
