@@ -327,19 +327,31 @@ def _summary(gm: GaussianMixture) -> dict[str, Any]:
     }
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    # bad input fails here, before a cluster starts
+def _open_for_fitting(args: argparse.Namespace, n_components: int) -> da.Array:
+    """The data of ``fit``/``select``, refused now (before a cluster starts) if it has
+    fewer rows than ``n_components``."""
     X = open_array(args.data, args.array, args.chunk_rows)
-    if X.shape[0] < args.n_components:
+    if X.shape[0] < n_components:
         raise DataError(
             f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
-            f"{args.n_components}; use fewer components or more data."
+            f"{n_components}; use fewer components or more data."
         )
+    return X
+
+
+def _check_model_destinations(args: argparse.Namespace, model_size: int, n_runs: int) -> None:
+    """Refuse now an ``--output`` (a model of ``model_size`` bytes) or a ``--checkpoint-dir``
+    (states of ``n_runs`` such runs) that the fit could not write, before a cluster starts."""
     check_output(args.output, "model", [args.data])
-    size = model_bytes(args.n_components, X.shape[1], args.covariance_type)
-    check_destination(args.output, size)
+    check_destination(args.output, model_size)
     if args.checkpoint_dir:
-        check_available(args.checkpoint_dir, args.restart, args.n_init, size)
+        check_available(args.checkpoint_dir, args.restart, n_runs, model_size)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    X = _open_for_fitting(args, args.n_components)
+    size = model_bytes(args.n_components, X.shape[1], args.covariance_type)
+    _check_model_destinations(args, size, args.n_init)
     gm = GaussianMixture(
         args.n_components,
         covariance_type=args.covariance_type,
@@ -457,15 +469,10 @@ def _covariance_types(text: str) -> list[str]:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    X = open_array(args.data, args.array, args.chunk_rows)
-    if X.shape[0] < max(args.n_components):
-        raise DataError(
-            f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
-            f"{max(args.n_components)}; use fewer components or more data."
-        )
-    check_output(args.output)
-    if args.checkpoint_dir:
-        check_available(args.checkpoint_dir, restart=args.restart)
+    X = _open_for_fitting(args, max(args.n_components))
+    sizes = [model_bytes(k, X.shape[1], t) for k in args.n_components for t in args.covariance_type]
+    n_candidates = len(args.n_components) * len(args.covariance_type)
+    _check_model_destinations(args, max(sizes), n_candidates * args.n_init)
     with _cluster(args):
         start = time.perf_counter()
         with warnings.catch_warnings():

@@ -328,7 +328,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     match = re.search(r"labels agree with the true components on ([\d.]+)% of rows", result.stdout)
     assert match, result.stdout
     assert 90.0 < float(match.group(1)) <= 100.0
-    assert "20,000 rows" in result.stdout and "best of 4 initializations" in result.stdout
+    assert (
+        "20,000 rows" in result.stdout and f"best of {CLI_N_INIT} initializations" in result.stdout
+    )
     gm = load_model(workdir / "model.zarr")
     labels = zarr.open_array(str(workdir / "labels.zarr"), mode="r")
     assert labels.shape == (20_000,) and labels.dtype == np.int64
