@@ -62,12 +62,16 @@ OPTION_NAMES = {
     "chunk_rows": "--chunk-rows",
     "key": "--tls-key",
     "memory_limit": "--memory-limit",
+    "missing_drop": "--missing drop",
+    "missing_keep": "--missing keep",
     "n_components": "--n-components",
     "reg_covar": "--reg-covar",
+    "replace_partition": "--replace-partition",
     "restart": "--restart",
     "scheduler": "--scheduler",
     "scheduler_file": "--scheduler-file",
     "security": "--tls-ca-file/--tls-cert/--tls-key",
+    "storage_options": "--storage-option",
 }
 """The option of each parameter a library message may name (`dask_em.errors.PYTHON_WORDS`)."""
 
@@ -453,6 +457,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ ingest
+INGEST_PROGRESS_SECONDS = 1.0
+"""Least time between two progress lines of ``ingest`` (the last one is always shown)."""
+
+
+def _ingest_progress(args: argparse.Namespace) -> Callable[[dict[str, Any]], None] | None:
+    """The progress callback of ``ingest``: a line on stderr at most once a second, and
+    one for every finished partition."""
+    if args.quiet:
+        return None
+    shown = {"at": -math.inf, "partitions": 0}
+
+    def progress(p: dict[str, Any]) -> None:
+        now = time.monotonic()
+        finished = p["partitions"] != shown["partitions"]
+        if not finished and now - shown["at"] < INGEST_PROGRESS_SECONDS:
+            return
+        shown.update(at=now, partitions=p["partitions"])
+        print(
+            f"{p['rows']:,} rows, {p['partitions']}/{p['partitions_total']} partitions, "
+            f"{p['rows_per_s']:,.0f} rows/s ({p['partition']})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return progress
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from dask_em.ingest import ingest
+
+    columns = None
+    if args.columns is not None:
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    summary = ingest(
+        args.source,
+        args.out,
+        columns=columns,
+        query=args.query,
+        partition=args.partition,
+        missing=args.missing,
+        replace_partition=args.replace_partition,
+        dtype=args.dtype,
+        chunk_rows=args.store_chunk_rows,
+        progress=_ingest_progress(args),
+    )
+    for message in summary["messages"]:
+        _say(args, message)
+    if args.json:
+        _print_json(summary)
+    else:
+        _say(
+            args,
+            f"{summary['rows_added']:,} rows added ({summary['rows_dropped']:,} dropped); "
+            f"{args.out} holds {summary['n_samples']:,} x {summary['n_features']} "
+            f"{summary['dtype']} in {summary['seconds']:.1f} s",
+        )
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 def _add_store_chunk_rows_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -585,6 +649,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "ingest", help="append Parquet data (files, a partitioned dataset, DuckDB SQL) to Zarr"
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        help="a Parquet file or dataset directory (optional with a --query that reads files)",
+    )
+    p.add_argument("out", metavar="OUT.zarr", help="the Zarr array to create or append to")
+    p.add_argument(
+        "--query", metavar="SQL", help="DuckDB SQL producing the rows (view 'source': SOURCE)"
+    )
+    p.add_argument("--columns", metavar="A,B", help="feature columns (default: every numeric one)")
+    p.add_argument(
+        "--partition", metavar="NAME", help="the partition to ingest (e.g. dt=2026-11-22)"
+    )
+    p.add_argument(
+        "--missing",
+        choices=["error", "drop", "keep"],
+        default="error",
+        help="NULL/NaN/inf values: refuse (default), drop their rows, or store NaN",
+    )
+    p.add_argument(
+        "--replace-partition",
+        action="store_true",
+        help="replace a partition whose content changed since it was ingested",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        help="stored dtype (default float64, or the store's when appending)",
+    )
+    p.add_argument(
+        "--store-chunk-rows",
+        type=_positive_int,
+        metavar="R",
+        help="rows per chunk of a new store (default: automatic, chunks of ~8 MiB)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_quiet_option(p)
+    p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="JSON description of a model or a checkpoint directory")
     p.add_argument(

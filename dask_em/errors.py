@@ -46,12 +46,16 @@ PYTHON_WORDS: dict[str, str] = {
     "chunk_rows": "chunk_rows",
     "key": "key",
     "memory_limit": "memory_limit",
+    "missing_drop": "missing='drop'",
+    "missing_keep": "missing='keep'",
     "n_components": "n_components",
     "reg_covar": "reg_covar",
+    "replace_partition": "replace_partition=True",
     "restart": "fit(..., restart=True)",
     "scheduler": "scheduler",
     "scheduler_file": "scheduler_file",
     "security": "security",
+    "storage_options": "storage_options",
 }
 """The fields a message template may hold, each with its wording for a Python user.
 

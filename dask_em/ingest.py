@@ -321,8 +321,8 @@ def _missing_message(where: str, names: list[str], counts: _Counts, missing: str
         j = int(np.flatnonzero(counts.inf)[0])
         return (
             f"{where}: column {names[j]!r} has {counts.inf[j]} infinite value(s); "
-            "missing='keep' stores NULL and NaN as NaN but never infinity: pass "
-            "missing='drop' to drop those rows."
+            "{missing_keep} stores NULL and NaN as NaN but never infinity: pass "
+            "{missing_drop} to drop those rows."
         )
     total = counts.nan + counts.inf
     bad = np.flatnonzero(total)
@@ -332,8 +332,8 @@ def _missing_message(where: str, names: list[str], counts: _Counts, missing: str
         what += (" and " if what else "") + f"{counts.inf[j]} infinite"
     more = f" (and {len(bad) - 1} more column(s))" if len(bad) > 1 else ""
     return (
-        f"{where}: column {names[j]!r} has {what} value(s){more}; pass missing='drop' "
-        "to drop those rows or missing='keep' to store missing values as NaN."
+        f"{where}: column {names[j]!r} has {what} value(s){more}; pass {{missing_drop}} "
+        "to drop those rows or {missing_keep} to store missing values as NaN."
     )
 
 
@@ -768,7 +768,7 @@ def _ingest_locked(
     if changed and not replace_partition:
         raise DataError(
             f"partition {changed[0][0].name!r} changed since it was ingested into "
-            f"{os.fspath(out)!r} (content hash differs); pass replace_partition=True to "
+            f"{os.fspath(out)!r} (content hash differs); pass {{replace_partition}} to "
             "replace it (its rows and the rows after it are rewritten)."
         )
 
