@@ -51,6 +51,7 @@ from dask_em.io import (
     store_array,
 )
 from dask_em.params import COVARIANCE_TYPES, n_parameters
+from dask_em.store import close_sessions
 
 DEMO_SIZE = {"n_samples": 2_000_000, "n_features": 8, "n_components": 5}
 
@@ -65,6 +66,7 @@ OPTION_NAMES = {
     "missing_drop": "--missing drop",
     "missing_keep": "--missing keep",
     "n_components": "--n-components",
+    "no_lock": "--no-lock",
     "reg_covar": "--reg-covar",
     "replace_partition": "--replace-partition",
     "restart": "--restart",
@@ -209,6 +211,7 @@ def _finite(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_destination(args.out, storage_options=storage_options(args.storage_option))
     with _cluster(args):
         start = time.perf_counter()
         generate(
@@ -218,6 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.n_components,
             args.seed,
             args.store_chunk_rows,
+            storage_options(args.storage_option),
         )
     _say(
         args,
@@ -266,17 +270,20 @@ def _summary(gm: GaussianMixture) -> dict[str, Any]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     # bad input fails here, before a cluster starts
-    X = open_array(args.data, args.array, args.chunk_rows)
+    so = storage_options(args.storage_option)
+    X = open_array(args.data, args.array, args.chunk_rows, storage_options=so)
     if X.shape[0] < args.n_components:
         raise DataError(
             f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
             f"{args.n_components}; use fewer components or more data."
         )
-    check_output(args.output, "model", [args.data])
+    check_output(args.output, "model", [args.data], so)
     size = model_bytes(args.n_components, X.shape[1], args.covariance_type)
-    check_destination(args.output, size)
+    check_destination(args.output, size, so)
     if args.checkpoint_dir:
-        check_available(args.checkpoint_dir, args.restart, args.n_init, size)
+        check_available(
+            args.checkpoint_dir, args.restart, args.n_init, size, so, use_lock=not args.no_lock
+        )
     gm = GaussianMixture(
         args.n_components,
         covariance_type=args.covariance_type,
@@ -288,6 +295,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         random_state=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         acceleration=args.acceleration,
+        storage_options=so,
+        checkpoint_lock=not args.no_lock,
     )
     with _cluster(args):
         seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=args.restart)
@@ -312,8 +321,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- predict/score
 def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
     """The model of ``args.model`` and the data of ``args.data``, checked to match."""
-    gm = load_model(args.model)
-    X = open_array(args.data, args.array, args.chunk_rows)
+    so = storage_options(args.storage_option)
+    gm = load_model(args.model, so)
+    X = open_array(args.data, args.array, args.chunk_rows, storage_options=so)
     if X.shape[1] != gm.n_features_in_:
         raise DataError(
             f"{args.data} has {X.shape[1]} features but the model was fitted on "
@@ -324,8 +334,9 @@ def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     gm, X = _model_and_data(args)
-    check_output(args.output, "predictions", [args.model, args.data])
-    check_destination(args.output)
+    so = storage_options(args.storage_option)
+    check_output(args.output, "predictions", [args.model, args.data], so)
+    check_destination(args.output, storage_options=so)
     with _cluster(args):
         start = time.perf_counter()
         out = gm.predict_proba(X) if args.proba else gm.predict(X)
@@ -335,6 +346,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             {"model": str(args.model), "kind": "predict_proba" if args.proba else "predict"},
             kind="predictions",
             inputs=[args.model, args.data],
+            storage_options=so,
         )
     _say(
         args,
@@ -364,11 +376,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    checkpoint = describe(args.path)
+    so = storage_options(args.storage_option)
+    checkpoint = describe(args.path, so)
     if checkpoint is not None:
         _print_json(checkpoint)
         return 0
-    params, attrs = read_model(args.path)
+    params, attrs = read_model(args.path, so)
     _print_json(
         {
             "kind": "model",
@@ -502,6 +515,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         chunk_rows=args.store_chunk_rows,
         progress=_ingest_progress(args),
+        storage_options=storage_options(args.storage_option),
     )
     for message in summary["messages"]:
         _say(args, message)
@@ -528,6 +542,43 @@ def _add_store_chunk_rows_option(p: argparse.ArgumentParser) -> None:
         metavar="R",
         help=f"rows per chunk of the written store (default {STORE_CHUNK_ROWS}); "
         "--chunk-rows is its older name, kept as an alias",
+    )
+
+
+def _storage_option(text: str) -> tuple[list[str], Any]:
+    """An argparse type: ``KEY=VALUE`` (``a.b=VALUE`` nests), VALUE as JSON if it parses."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def storage_options(pairs: Sequence[tuple[list[str], Any]] | None) -> dict[str, Any] | None:
+    """The fsspec storage options of repeated ``--storage-option KEY=VALUE``, or None."""
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for keys, value in pairs:
+        node = options
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return options
+
+
+def _add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        dest="storage_option",
+        action="append",
+        type=_storage_option,
+        metavar="KEY=VALUE",
+        help="fsspec option of s3:// (or other URL) paths, e.g. endpoint_url=http://host:9000, "
+        "key=..., secret=...; repeatable (credentials may come from the environment)",
     )
 
 
@@ -568,6 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_chunk_rows_option(p)
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -627,8 +679,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard the checkpoint of --checkpoint-dir and start over",
     )
+    p.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="checkpoint on an object store without conditional writes: no one-fit lock",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_fit)
 
@@ -640,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proba", action="store_true", help="write responsibilities (n, K) instead of labels"
     )
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -647,6 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
     _add_data_options(p)
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_score)
 
@@ -691,12 +751,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_quiet_option(p)
+    _add_storage_option(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("info", help="JSON description of a model or a checkpoint directory")
     p.add_argument(
         "path", metavar="MODEL.zarr|CHECKPOINT_DIR", help="a model, or a --checkpoint-dir"
     )
+    _add_storage_option(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -744,6 +806,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_usage(parser, args)
+    try:
+        return _run(args)
+    finally:
+        close_sessions()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``args.func(args)`` with the exit status of each outcome (see the module docstring)."""
     try:
         return int(args.func(args))
     except UserError as err:

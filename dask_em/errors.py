@@ -49,6 +49,7 @@ PYTHON_WORDS: dict[str, str] = {
     "missing_drop": "missing='drop'",
     "missing_keep": "missing='keep'",
     "n_components": "n_components",
+    "no_lock": "checkpoint_lock=False",
     "reg_covar": "reg_covar",
     "replace_partition": "replace_partition=True",
     "restart": "fit(..., restart=True)",
