@@ -7,6 +7,11 @@ Layout of a checkpoint directory::
     DIR/state-000012/*.npy      the arrays (NumPy format, loaded with allow_pickle=False)
     DIR/lock                    while a fit uses the directory: its pid, host and start time
 
+On an object store (a URL ``directory``, through `dask_em.store.Location`) there is no
+rename: a state's arrays and then its ``state.json`` are written under their final
+prefix ``state-NNNNNN/`` and the manifest object is written last (one PUT, atomic); the
+lock is an object created with a conditional PUT (`_object_lock`).
+
 `Checkpoint.save` writes a new state under a temporary name, fsyncs it, renames it to
 ``state-NNNNNN`` and then replaces ``manifest.json`` with ``os.replace``; a crash at any
 instant leaves the previous manifest and its states intact. The last `KEEP_STATES`
@@ -643,7 +648,7 @@ def describe(
     """
     place = Location(path, storage_options)
     if place.is_url:
-        place.check_reachable("the checkpoint")
+        place.check_reachable("the path")
         if MANIFEST not in place.names():
             return None
         loaded = Checkpoint(path, {}, storage_options).load(check_fingerprint=False)

@@ -11,7 +11,9 @@ A model is published as one immutable version at a time (`write_model`: the mode
 path points to its current version, the pointer replaced last and atomically), so a
 reader sees the old model or the new one whole, never a mix; it is validated when read.
 Other outputs are written under a temporary name beside their destination and renamed
-into place when complete. An output replaces only an earlier dask-em output of the same
+into place when complete. Every path may be an fsspec URL (``s3://``, with
+``storage_options``): there, with no rename, the last write is the small object readers
+need (a model's pointer, an array's ``zarr.json``), through `dask_em.store.Location`. An output replaces only an earlier dask-em output of the same
 kind, and never an input of the command (`check_output`). Data and model chunks are read
 strictly (`dask_em.store`): a missing or undecodable chunk is an error naming it.
 Arrays that dask-em writes (generated data, predictions) use `ARRAY_COMPRESSORS`.

@@ -1,4 +1,12 @@
-"""Strict access to Zarr chunks: every chunk present and decodable, or an error naming it.
+"""Where dask-em's bytes live: strict access to Zarr chunks, and the storage interface.
+
+`Location` is the one interface to local directories and object stores (fsspec URLs,
+``s3://``): whole-object atomic writes, create-if-absent writes, listing, removal, and
+`Location.check_reachable`, which turns denied credentials, a missing bucket or an
+unreachable endpoint into one-line errors; `close_sessions` closes s3fs's HTTP sessions
+before exit. Everything above it uses the same calls for both kinds of storage.
+
+Strict access to Zarr chunks: every chunk present and decodable, or an error naming it.
 
 Zarr fills a chunk missing from the store with the array's fill value (by design, for
 sparse arrays; Zarr 3.1 has no option to raise instead), and a chunk that fails to
