@@ -296,3 +296,41 @@ def test_bad_credentials_missing_bucket_and_unreachable_endpoint_exit_2_writing_
     assert_usage_error(run_cli("ingest", f"s3://{bucket}/x", tmp_path / "x.zarr"), "denied")
     assert keys(server, bucket) == before
     assert not (tmp_path / "m.zarr").exists() and not (tmp_path / "x.zarr").exists()
+
+
+def test_a_model_version_without_its_pointer_is_invisible_and_removed_by_the_next_save(
+    s3: tuple[S3, str],
+) -> None:
+    """A writer killed after writing a version but before the pointer object leaves the
+    previous model readable; the next save publishes over it and removes the orphan."""
+    from dask_em.io import _write_version
+    from dask_em.store import Location
+
+    server, bucket = s3
+    url = f"s3://{bucket}/model.zarr"
+    X = mixture(2_000, 3, 2, seed=4)
+    first = GaussianMixture(2, random_state=0, max_iter=3, tol=0.0).fit(X)
+    first.set_params(storage_options=server.options()).save(url)
+    orphan = "v-00000007-" + "0" * 32
+    second = GaussianMixture(2, random_state=1, max_iter=5, tol=0.0).fit(X)
+    _write_version(Location(url, server.options()).child(orphan), second._params(), {})
+    assert_same_fit(load_model(url, server.options()), first)
+    second.set_params(storage_options=server.options()).save(url)
+    assert_same_fit(load_model(url, server.options()), second)
+    versions = {k.split("/")[2] for k in keys(server, bucket) if "/v-" in k}
+    assert orphan not in versions and len(versions) == 2  # current and previous
+
+
+def test_storage_options_from_the_command_line_nest_and_parse_json_values() -> None:
+    from dask_em.cli import build_parser, storage_options
+
+    args = build_parser().parse_args(
+        ["info", "s3://b/m.zarr", "--storage-option", "anon=false",
+         "--storage-option", "client_kwargs.region_name=eu-west-1",
+         "--storage-option", "endpoint_url=http://h:9000"]
+    )  # fmt: skip
+    assert storage_options(args.storage_option) == {
+        "anon": False,
+        "client_kwargs": {"region_name": "eu-west-1"},
+        "endpoint_url": "http://h:9000",
+    }
