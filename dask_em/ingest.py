@@ -264,7 +264,9 @@ def _batches(
         if unit.fs is not None:  # DuckDB reads the object store's files through Arrow
             import pyarrow.dataset as pds
 
-            dataset = pds.dataset(list(unit.files), filesystem=unit.fs, format="parquet")
+            dataset = pds.dataset(
+                list(unit.files), filesystem=unit.fs, format="parquet", partitioning="hive"
+            )
             con.register("source", dataset)
         elif unit.files:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in unit.files)

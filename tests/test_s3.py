@@ -137,6 +137,7 @@ def upload_array(server: S3, url: str, X: np.ndarray, rows: int) -> None:
 
 
 # ----------------------------------------------------------------------------- ingest
+@pytest.mark.slow
 def test_ingest_from_s3_parquet_then_fit_predict_score_info_on_s3(
     s3: tuple[S3, str], tmp_path: Path, given_inits: Any
 ) -> None:
@@ -160,6 +161,11 @@ def test_ingest_from_s3_parquet_then_fit_predict_score_info_on_s3(
     ]
     X = duckdb_rows(warehouse)
     assert np.array_equal(open_array(store).compute(), X)
+    query = ["--query", "SELECT f1, i2 FROM source WHERE dt <> '2026-11-21'", "--missing", "drop"]
+    from_s3, local = tmp_path / "q-s3.zarr", tmp_path / "q-local.zarr"
+    assert_ok(run_cli("ingest", f"s3://{bucket}/warehouse", from_s3, *query, "--quiet"))
+    assert_ok(run_cli("ingest", warehouse, local, *query, "--quiet"))
+    assert np.array_equal(zarr.open_array(str(from_s3))[...], zarr.open_array(str(local))[...])
 
     data = f"s3://{bucket}/data.zarr"
     upload_array(server, data, X, 256)
