@@ -7,6 +7,11 @@ Layout of a checkpoint directory::
     DIR/state-000012/*.npy      the arrays (NumPy format, loaded with allow_pickle=False)
     DIR/lock                    while a fit uses the directory: its pid, host and start time
 
+On an object store (a URL ``directory``, through `dask_em.store.Location`) there is no
+rename: a state's arrays and then its ``state.json`` are written under their final
+prefix ``state-NNNNNN/`` and the manifest object is written last (one PUT, atomic); the
+lock is an object created with a conditional PUT (`_object_lock`).
+
 `Checkpoint.save` writes a new state under a temporary name, fsyncs it, renames it to
 ``state-NNNNNN`` and then replaces ``manifest.json`` with ``os.replace``; a crash at any
 instant leaves the previous manifest and its states intact. The last `KEEP_STATES`
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -44,6 +50,7 @@ from dask_em.em import EMResult, FitState
 from dask_em.errors import CheckpointError
 from dask_em.io import destination_problem
 from dask_em.params import PARAM_ARRAYS, GMMParams
+from dask_em.store import Location
 
 FORMAT = "dask-em-checkpoint"
 FORMAT_VERSION = 2  # 2: one run per initialization (shared passes), SQUAREM step cap
@@ -135,10 +142,22 @@ class Checkpoint:
     fingerprint : dict
         JSON-serializable description of what the fit depends on (see
         `dask_em.estimator`); a checkpoint with another fingerprint is refused.
+    storage_options : dict, optional
+        fsspec options of a URL ``directory`` (an object store: see `_save_to_object_store`).
+    use_lock : bool, default True
+        False: an object-store checkpoint is used without its lock (`_object_lock`).
     """
 
-    def __init__(self, directory: str | os.PathLike[str], fingerprint: dict[str, Any]) -> None:
-        self.directory = Path(directory)
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        fingerprint: dict[str, Any],
+        storage_options: dict[str, Any] | None = None,
+        use_lock: bool = True,
+    ) -> None:
+        self.place = Location(directory, storage_options)
+        self.use_lock = use_lock
+        self.directory = Path(directory) if not self.place.is_url else self.place.location
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
         self._sequence: int | None = None
 
@@ -153,6 +172,12 @@ class Checkpoint:
             other fit uses the directory between the discard and the fit). A directory
             holding anything but a checkpoint is refused before the lock is written.
         """
+        if self.place.is_url:
+            with _object_lock(self.place, self.use_lock):
+                if restart:
+                    _discard_objects(self.place)
+                yield
+            return
         if restart and self.directory.exists():
             _checkpoint_entries(self.directory)
         with checkpoint_lock(self.directory):
@@ -170,19 +195,19 @@ class Checkpoint:
             If writing fails (read-only or full file system); the previous committed
             state stays intact and the temporary files are removed.
         """
+        if self.place.is_url:
+            self._save_to_object_store(state, n_passes)
+            return
         try:
             self._save(state, n_passes)
         except OSError as err:
             self._prune(self._committed_names())  # what this save left half-written
             raise _checkpoint_write_failed(self.directory, err) from None
 
-    def _save(self, state: FitState, n_passes: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self._sequence is None:
-            self._sequence = max(self._state_numbers(), default=0)
-        sequence = self._sequence + 1
-        tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+    def _encode(
+        self, state: FitState, n_passes: int, sequence: int
+    ) -> tuple[bytes, dict[str, bytes]]:
+        """``state.json`` and the ``.npy`` files (name -> bytes) of a state."""
         meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -194,6 +219,7 @@ class Checkpoint:
             "runs": [],
             "files": {},
         }
+        files: dict[str, bytes] = {}
         for index, run in enumerate(state.runs):
             if run is None:
                 meta["runs"].append(None)
@@ -210,46 +236,99 @@ class Checkpoint:
             )
             for name in PARAM_ARRAYS:
                 fname = f"run{index}_{name}.npy"
-                np.save(tmp / fname, np.asarray(getattr(run.params, name)), allow_pickle=False)
-                _fsync(tmp / fname)
-                meta["files"][fname] = _file_sha256(tmp / fname)
+                buffer = io.BytesIO()
+                np.save(buffer, np.asarray(getattr(run.params, name)), allow_pickle=False)
+                files[fname] = buffer.getvalue()
+                meta["files"][fname] = hashlib.sha256(files[fname]).hexdigest()
         meta["checksum"] = content_hash(
             np.frombuffer(json.dumps(meta, sort_keys=True).encode(), np.uint8)
         )
-        _write_json(tmp / "state.json", meta)
-        final = self.directory / f"state-{sequence:06d}"
-        os.replace(tmp, final)
-        # without a readable manifest the scan already finds ``final``: list it once
-        older = [name for name in self._committed_names() if name != final.name]
-        committed = [final.name, *older][:KEEP_STATES]
-        manifest_tmp = self.directory / f".{MANIFEST}.tmp-{uuid.uuid4().hex}"
-        _write_json(
-            manifest_tmp,
+        return json.dumps(meta, indent=1, sort_keys=True).encode(), files
+
+    def _manifest(self, committed: list[str]) -> bytes:
+        return json.dumps(
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
                 "fingerprint": self.fingerprint,
                 "states": committed,
             },
-        )
+            indent=1,
+            sort_keys=True,
+        ).encode()
+
+    def _save(self, state: FitState, n_passes: int) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._sequence is None:
+            self._sequence = max(self._state_numbers(), default=0)
+        sequence = self._sequence + 1
+        tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        state_json, files = self._encode(state, n_passes, sequence)
+        for fname, data in files.items():
+            with open(tmp / fname, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        with open(tmp / "state.json", "wb") as f:
+            f.write(state_json)
+            f.flush()
+            os.fsync(f.fileno())
+        final = self.directory / f"state-{sequence:06d}"
+        os.replace(tmp, final)
+        # without a readable manifest the scan already finds ``final``: list it once
+        older = [name for name in self._committed_names() if name != final.name]
+        committed = [final.name, *older][:KEEP_STATES]
+        manifest_tmp = self.directory / f".{MANIFEST}.tmp-{uuid.uuid4().hex}"
+        with open(manifest_tmp, "wb") as f:
+            f.write(self._manifest(committed))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(manifest_tmp, self.directory / MANIFEST)
         _fsync(self.directory)
         self._sequence = sequence
         self._prune(committed)
 
+    def _save_to_object_store(self, state: FitState, n_passes: int) -> None:
+        """`save` on an object store (no rename): the state's arrays, then its
+        ``state.json``, under its final prefix ``state-NNNNNN/``; then the manifest, one
+        PUT, the commit point. A state the manifest does not list is not committed
+        (a killed save leaves one; the next save replaces or prunes it)."""
+        try:
+            if self._sequence is None:
+                self._sequence = max(self._state_numbers(), default=0)
+            sequence = self._sequence + 1
+            target = self.place.child(f"state-{sequence:06d}")
+            target.remove()  # what a killed save of the same number left
+            state_json, files = self._encode(state, n_passes, sequence)
+            for fname, data in files.items():
+                target.child(fname).write_bytes(data)
+            target.child("state.json").write_bytes(state_json)
+            manifest = self._read_manifest()
+            older = [str(n) for n in manifest["states"]] if manifest is not None else []
+            committed = [target.location.rsplit("/", 1)[-1], *older][:KEEP_STATES]
+            self.place.child(MANIFEST).write_bytes(self._manifest(committed))
+        except OSError as err:
+            raise _checkpoint_write_failed(self.directory, err) from None
+        self._sequence = sequence
+        for name in self.place.names():
+            if name.startswith("state-") and name not in committed:
+                self.place.child(name).remove()
+
     def _state_numbers(self) -> list[int]:
         numbers = []
-        for p in self.directory.glob("state-*"):
+        for name in self.place.names():
+            if not name.startswith("state-"):
+                continue
             try:
-                numbers.append(int(p.name.split("-", 1)[1]))
+                numbers.append(int(name.split("-", 1)[1]))
             except ValueError:
                 continue
         return numbers
 
     def _read_manifest(self) -> dict[str, Any] | None:
         try:
-            with open(self.directory / MANIFEST) as f:
-                manifest = json.load(f)
+            manifest = json.loads(self.place.child(MANIFEST).read_bytes())
         except (OSError, ValueError):
             return None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("states"), list):
@@ -294,6 +373,8 @@ class Checkpoint:
         CheckpointDamaged
             If it has committed states but none is intact, or an unknown format.
         """
+        if self.place.is_url:
+            return self._load_states(check_fingerprint)
         if not self.directory.exists():
             return None
         if not self.directory.is_dir():
@@ -315,11 +396,18 @@ class Checkpoint:
                         "choose an empty or new {checkpoint_dir}."
                     )
             return None
+        return self._load_states(check_fingerprint)
+
+    def _load_states(self, check_fingerprint: bool) -> Loaded | None:
+        """The newest intact committed state (see `load`), local or on an object store."""
+        names = self._committed_names()
+        if not names:
+            return None
         skipped: list[str] = []
         for name in names:
             try:
-                meta = self._verified_meta(self.directory / name)
-                state = self._state_from(self.directory / name, meta)
+                meta = self._verified_meta(self.place.child(name))
+                state = self._state_from(self.place.child(name), meta)
             except _Damaged as err:
                 skipped.append(f"{name}: {err}")
                 continue
@@ -337,10 +425,9 @@ class Checkpoint:
             f"({'; '.join(skipped)}); use {{restart}} to discard it and start over."
         )
 
-    def _verified_meta(self, path: Path) -> dict[str, Any]:
+    def _verified_meta(self, path: Location) -> dict[str, Any]:
         try:
-            with open(path / "state.json") as f:
-                meta = json.load(f)
+            meta = json.loads(path.child("state.json").read_bytes())
         except FileNotFoundError:
             raise _Damaged("state.json is missing") from None
         except (OSError, ValueError):
@@ -364,13 +451,14 @@ class Checkpoint:
         }
         if set(meta["files"]) != expected:
             raise _Damaged("state.json lists other array files than its runs need")
-        unexpected = sorted({p.name for p in path.iterdir()} - expected - {"state.json"})
+        present = set(path.names())
+        unexpected = sorted(present - expected - {"state.json"})
         if unexpected:  # never read: a state holds nothing but state.json and its arrays
             raise _Damaged(f"it holds {unexpected[0]!r}, which is not part of a dask-em state")
         for fname, digest in meta["files"].items():
-            if not (path / fname).exists():
+            if fname not in present:
                 raise _Damaged(f"{fname} is missing")
-            if _file_sha256(path / fname) != digest:
+            if hashlib.sha256(path.child(fname).read_bytes()).hexdigest() != digest:
                 raise _Damaged(f"{fname} fails its checksum")
         return meta
 
@@ -404,13 +492,13 @@ class Checkpoint:
         )
 
     @staticmethod
-    def _state_from(path: Path, meta: dict[str, Any]) -> FitState:
+    def _state_from(path: Location, meta: dict[str, Any]) -> FitState:
         runs: list[EMResult | None] = []
         for index, info in enumerate(meta["runs"]):
             if info is None:
                 runs.append(None)
                 continue
-            arrays = [_read_npy(path / f"run{index}_{name}.npy") for name in PARAM_ARRAYS]
+            arrays = [_read_npy(path.child(f"run{index}_{name}.npy")) for name in PARAM_ARRAYS]
             runs.append(
                 EMResult(
                     GMMParams(*arrays, info["covariance_type"]),
@@ -428,7 +516,7 @@ class _Damaged(Exception):
     """One state failed verification (internal: load falls back to an older state)."""
 
 
-def _read_npy(path: Path) -> np.ndarray:
+def _read_npy(path: Location) -> np.ndarray:
     """The floating-point array of a ``.npy`` file, read without ever unpickling.
 
     Raises
@@ -437,15 +525,15 @@ def _read_npy(path: Path) -> np.ndarray:
         If the file is not a plain ``.npy`` array (an object array would need
         unpickling: it is refused unread) or its dtype is not floating point.
     """
+    name = path.location.rstrip("/").rsplit("/", 1)[-1]
     try:
-        with open(path, "rb") as f:
-            array = np.lib.format.read_array(f, allow_pickle=False)
+        array = np.lib.format.read_array(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except (OSError, ValueError):
         raise _Damaged(
-            f"{path.name} is not a plain numeric .npy array (object arrays are never unpickled)"
+            f"{name} is not a plain numeric .npy array (object arrays are never unpickled)"
         ) from None
     if array.dtype.kind != "f":
-        raise _Damaged(f"{path.name} holds dtype {array.dtype}, not floating point")
+        raise _Damaged(f"{name} holds dtype {array.dtype}, not floating point")
     return array
 
 
@@ -475,6 +563,8 @@ def check_available(
     restart: bool = False,
     n_runs: int = 1,
     params_bytes: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    use_lock: bool = True,
 ) -> None:
     """Refuse now a checkpoint directory that a fit could not use at this moment.
 
@@ -491,6 +581,10 @@ def check_available(
     params_bytes : int, default 0
         Bytes of one run's parameters: the free space needed is that of `KEEP_STATES`
         + 1 states (`dask_em.io.destination_problem`).
+    storage_options : dict, optional
+        fsspec options of a URL ``directory``.
+    use_lock : bool, default True
+        (Object stores) False: do not take the lock (`_object_lock`).
 
     Raises
     ------
@@ -502,6 +596,12 @@ def check_available(
     CheckpointDamaged
         (``restart``) Naming the first entry that is not part of a checkpoint.
     """
+    place = Location(directory, storage_options)
+    if place.is_url:
+        if restart:
+            _checkpoint_objects(place)
+        with _object_lock(place, use_lock):
+            return
     problem = destination_problem(directory, (KEEP_STATES + 1) * n_runs * params_bytes)
     if problem is not None:
         raise CheckpointError(
@@ -519,7 +619,9 @@ def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and ((p / MANIFEST).exists() or (p / LOCK).exists() or any(p.glob("state-*")))
 
 
-def describe(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+def describe(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """What a checkpoint holds (for ``dask-em info``), or None if ``path`` is not one.
 
     Parameters
@@ -544,12 +646,19 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     CheckpointError
         If it holds no state yet, or only one saved before any initialization ended.
     """
-    directory = Path(path)
-    if directory.name.startswith("state-") and (directory / "state.json").exists():
-        directory = directory.parent
-    if not is_checkpoint_dir(directory):
-        return None
-    loaded = Checkpoint(directory, {}).load(check_fingerprint=False)
+    place = Location(path, storage_options)
+    if place.is_url:
+        place.check_reachable("the path")
+        if MANIFEST not in place.names():
+            return None
+        loaded = Checkpoint(path, {}, storage_options).load(check_fingerprint=False)
+    else:
+        directory = Path(path)
+        if directory.name.startswith("state-") and (directory / "state.json").exists():
+            directory = directory.parent
+        if not is_checkpoint_dir(directory):
+            return None
+        loaded = Checkpoint(directory, {}).load(check_fingerprint=False)
     if loaded is None:
         raise CheckpointError(
             f"{path} holds no checkpoint state yet (a fit may be starting on it)."
@@ -803,3 +912,131 @@ def _remove_if_empty(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
+
+
+# ------------------------------------------------------------------ object stores
+def _probe_conditional_put(place: Location) -> bool:
+    """Whether the store of ``place`` refuses a create-if-absent write over an existing
+    object (S3 ``If-None-Match: *``): two creates of one probe key, the second must fail."""
+    probe = place.child(f".lock-probe-{uuid.uuid4().hex}")
+    try:
+        probe.create(b"1")
+        return not probe.create(b"2")
+    finally:
+        probe.remove()
+
+
+def _object_lock_owner(lock: Location) -> dict[str, Any] | None:
+    try:
+        info = json.loads(lock.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+@contextmanager
+def _object_lock(place: Location, use_lock: bool = True) -> Iterator[None]:
+    """`checkpoint_lock` on an object store: the lock object ``DIR/lock`` is created with
+    a create-if-absent write (`dask_em.store.Location.create`), so of two fits starting
+    together exactly one gets it; it is deleted when the block ends.
+
+    Nothing releases the lock of a killed process by itself: a lock left by a process
+    of this host that no longer runs is taken over (logged); one left by a fit killed on
+    another machine must be deleted by hand (the message says so).
+
+    Parameters
+    ----------
+    place : Location
+    use_lock : bool, default True
+        False: no lock at all (for stores without conditional writes; the user runs one
+        fit at a time).
+
+    Raises
+    ------
+    CheckpointError
+        If the store ignores conditional writes (and ``use_lock``).
+    CheckpointLocked
+        If another fit holds the lock.
+    """
+    place.check_reachable("the checkpoint")
+    if not use_lock:
+        yield
+        return
+    if not _probe_conditional_put(place):
+        raise CheckpointError(
+            f"the object store of the checkpoint {place.location!r} ignores conditional "
+            "writes (If-None-Match), so the one-fit-at-a-time lock cannot work there; pass "
+            "{no_lock} to checkpoint without the lock (then run one fit at a time on it)."
+        )
+    lock = place.child(LOCK)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "token": uuid.uuid4().hex,
+    }
+    for _ in range(3):
+        if lock.create(json.dumps(info).encode()):
+            break
+        owner = _object_lock_owner(lock)
+        if owner is None:
+            continue  # released meanwhile (or being written): try again
+        shown = (
+            f"pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
+        )
+        if owner.get("host") == info["host"] and not _pid_alive(int(owner.get("pid", 0))):
+            _log.warning("checkpoint %s: taking over a stale lock (%s)", place.location, shown)
+            lock.remove()
+            continue
+        raise CheckpointLocked(
+            f"checkpoint {place.location} is in use by another fit ({shown}); wait for it to "
+            f"end, or if that fit was killed, delete {lock.location} and run again."
+        )
+    else:
+        raise CheckpointLocked(
+            f"checkpoint {place.location} is being locked by other fits; try again."
+        )
+    try:
+        yield
+    finally:
+        owner = _object_lock_owner(lock)
+        if owner is not None and owner.get("token") == info["token"]:
+            lock.remove()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _checkpoint_objects(place: Location) -> list[str]:
+    """The names under an object-store checkpoint; `CheckpointDamaged` if one is not ours."""
+    names = place.names()
+    foreign = [
+        n
+        for n in names
+        if n not in (MANIFEST, LOCK) and not n.startswith(("state-", ".lock-probe-"))
+    ]
+    if foreign:
+        raise CheckpointDamaged(
+            f"{place.location} holds {foreign[0]!r}, which is not part of a dask-em "
+            "checkpoint; refusing to delete it: choose another {checkpoint_dir}."
+        )
+    return names
+
+
+def _discard_objects(place: Location) -> None:
+    """`discard` on an object store: delete the manifest first (nothing is committed
+    then), then the states; anything else under the prefix is refused, untouched."""
+    names = _checkpoint_objects(place)
+    place.child(MANIFEST).remove()
+    for name in names:
+        if name.startswith("state-"):
+            place.child(name).remove()

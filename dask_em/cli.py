@@ -52,6 +52,7 @@ from dask_em.io import (
 )
 from dask_em.params import COVARIANCE_TYPES, n_parameters
 from dask_em.select import CRITERIA, select
+from dask_em.store import close_sessions
 
 DEMO_SIZE = {"n_samples": 2_000_000, "n_features": 8, "n_components": 5}
 
@@ -67,14 +68,19 @@ OPTION_NAMES = {
     "key": "--tls-key",
     "memory": "--memory",
     "memory_limit": "--memory-limit",
+    "missing_drop": "--missing drop",
+    "missing_keep": "--missing keep",
     "n_components": "--n-components",
     "queue": "--queue",
+    "no_lock": "--no-lock",
     "reg_covar": "--reg-covar",
+    "replace_partition": "--replace-partition",
     "restart": "--restart",
     "scheduler": "--scheduler",
     "scheduler_file": "--scheduler-file",
     "security": "--tls-ca-file/--tls-cert/--tls-key",
     "walltime": "--walltime",
+    "storage_options": "--storage-option",
 }
 """The option of each parameter a library message may name (`dask_em.errors.PYTHON_WORDS`)."""
 
@@ -272,6 +278,7 @@ def _finite(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_destination(args.out, storage_options=storage_options(args.storage_option))
     with _cluster(args):
         start = time.perf_counter()
         generate(
@@ -281,6 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.n_components,
             args.seed,
             args.store_chunk_rows,
+            storage_options(args.storage_option),
         )
     _say(
         args,
@@ -327,10 +335,12 @@ def _summary(gm: GaussianMixture) -> dict[str, Any]:
     }
 
 
-def _open_for_fitting(args: argparse.Namespace, n_components: int) -> da.Array:
-    """The data of ``fit``/``select``, refused now (before a cluster starts) if it has
-    fewer rows than ``n_components``."""
-    X = open_array(args.data, args.array, args.chunk_rows)
+def _open_for_fitting(
+    args: argparse.Namespace, n_components: int, so: dict[str, Any] | None = None
+) -> da.Array:
+    """The data of ``fit``/``select`` (``so``: its storage options), refused now (before a
+    cluster starts) if it has fewer rows than ``n_components``."""
+    X = open_array(args.data, args.array, args.chunk_rows, storage_options=so)
     if X.shape[0] < n_components:
         raise DataError(
             f"{args.data} has {X.shape[0]} rows, fewer than --n-components "
@@ -339,19 +349,28 @@ def _open_for_fitting(args: argparse.Namespace, n_components: int) -> da.Array:
     return X
 
 
-def _check_model_destinations(args: argparse.Namespace, model_size: int, n_runs: int) -> None:
+def _check_model_destinations(
+    args: argparse.Namespace,
+    model_size: int,
+    n_runs: int,
+    so: dict[str, Any] | None = None,
+    use_lock: bool = True,
+) -> None:
     """Refuse now an ``--output`` (a model of ``model_size`` bytes) or a ``--checkpoint-dir``
     (states of ``n_runs`` such runs) that the fit could not write, before a cluster starts."""
-    check_output(args.output, "model", [args.data])
-    check_destination(args.output, model_size)
+    check_output(args.output, "model", [args.data], so)
+    check_destination(args.output, model_size, so)
     if args.checkpoint_dir:
-        check_available(args.checkpoint_dir, args.restart, n_runs, model_size)
+        check_available(
+            args.checkpoint_dir, args.restart, n_runs, model_size, so, use_lock=use_lock
+        )
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    X = _open_for_fitting(args, args.n_components)
+    so = storage_options(args.storage_option)
+    X = _open_for_fitting(args, args.n_components, so)
     size = model_bytes(args.n_components, X.shape[1], args.covariance_type)
-    _check_model_destinations(args, size, args.n_init)
+    _check_model_destinations(args, size, args.n_init, so, use_lock=not args.no_lock)
     gm = GaussianMixture(
         args.n_components,
         covariance_type=args.covariance_type,
@@ -363,6 +382,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         random_state=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         acceleration=args.acceleration,
+        storage_options=so,
+        checkpoint_lock=not args.no_lock,
     )
     with _cluster(args):
         seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=args.restart)
@@ -387,8 +408,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- predict/score
 def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
     """The model of ``args.model`` and the data of ``args.data``, checked to match."""
-    gm = load_model(args.model)
-    X = open_array(args.data, args.array, args.chunk_rows)
+    so = storage_options(args.storage_option)
+    gm = load_model(args.model, so)
+    X = open_array(args.data, args.array, args.chunk_rows, storage_options=so)
     if X.shape[1] != gm.n_features_in_:
         raise DataError(
             f"{args.data} has {X.shape[1]} features but the model was fitted on "
@@ -399,8 +421,9 @@ def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     gm, X = _model_and_data(args)
-    check_output(args.output, "predictions", [args.model, args.data])
-    check_destination(args.output)
+    so = storage_options(args.storage_option)
+    check_output(args.output, "predictions", [args.model, args.data], so)
+    check_destination(args.output, storage_options=so)
     with _cluster(args):
         start = time.perf_counter()
         out = gm.predict_proba(X) if args.proba else gm.predict(X)
@@ -410,6 +433,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             {"model": str(args.model), "kind": "predict_proba" if args.proba else "predict"},
             kind="predictions",
             inputs=[args.model, args.data],
+            storage_options=so,
         )
     _say(
         args,
@@ -547,11 +571,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    checkpoint = describe(args.path)
+    so = storage_options(args.storage_option)
+    checkpoint = describe(args.path, so)
     if checkpoint is not None:
         _print_json(checkpoint)
         return 0
-    params, attrs = read_model(args.path)
+    params, attrs = read_model(args.path, so)
     _print_json(
         {
             "kind": "model",
@@ -636,6 +661,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ ingest
+INGEST_PROGRESS_SECONDS = 1.0
+"""Least time between two progress lines of ``ingest`` (the last one is always shown)."""
+
+
+def _ingest_progress(args: argparse.Namespace) -> Callable[[dict[str, Any]], None] | None:
+    """The progress callback of ``ingest``: a line on stderr at most once a second, and
+    one for every finished partition."""
+    if args.quiet:
+        return None
+    shown = {"at": -math.inf, "partitions": 0}
+
+    def progress(p: dict[str, Any]) -> None:
+        now = time.monotonic()
+        finished = p["partitions"] != shown["partitions"]
+        if not finished and now - shown["at"] < INGEST_PROGRESS_SECONDS:
+            return
+        shown.update(at=now, partitions=p["partitions"])
+        print(
+            f"{p['rows']:,} rows, {p['partitions']}/{p['partitions_total']} partitions, "
+            f"{p['rows_per_s']:,.0f} rows/s ({p['partition']})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return progress
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from dask_em.ingest import ingest
+
+    columns = None
+    if args.columns is not None:
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    summary = ingest(
+        args.source,
+        args.out,
+        columns=columns,
+        query=args.query,
+        partition=args.partition,
+        missing=args.missing,
+        replace_partition=args.replace_partition,
+        dtype=args.dtype,
+        chunk_rows=args.store_chunk_rows,
+        progress=_ingest_progress(args),
+        storage_options=storage_options(args.storage_option),
+    )
+    for message in summary["messages"]:
+        _say(args, message)
+    if args.json:
+        _print_json(summary)
+    else:
+        _say(
+            args,
+            f"{summary['rows_added']:,} rows added ({summary['rows_dropped']:,} dropped); "
+            f"{args.out} holds {summary['n_samples']:,} x {summary['n_features']} "
+            f"{summary['dtype']} in {summary['seconds']:.1f} s",
+        )
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 def _add_store_chunk_rows_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -647,6 +733,43 @@ def _add_store_chunk_rows_option(p: argparse.ArgumentParser) -> None:
         metavar="R",
         help=f"rows per chunk of the written store (default {STORE_CHUNK_ROWS}); "
         "--chunk-rows is its older name, kept as an alias",
+    )
+
+
+def _storage_option(text: str) -> tuple[list[str], Any]:
+    """An argparse type: ``KEY=VALUE`` (``a.b=VALUE`` nests), VALUE as JSON if it parses."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def storage_options(pairs: Sequence[tuple[list[str], Any]] | None) -> dict[str, Any] | None:
+    """The fsspec storage options of repeated ``--storage-option KEY=VALUE``, or None."""
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for keys, value in pairs:
+        node = options
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return options
+
+
+def _add_storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        dest="storage_option",
+        action="append",
+        type=_storage_option,
+        metavar="KEY=VALUE",
+        help="fsspec option of s3:// (or other URL) paths, e.g. endpoint_url=http://host:9000, "
+        "key=..., secret=...; repeatable (credentials may come from the environment)",
     )
 
 
@@ -687,6 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_store_chunk_rows_option(p)
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -747,8 +871,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard the checkpoint of --checkpoint-dir and start over",
     )
+    p.add_argument(
+        "--no-lock",
+        action="store_true",
+        help="checkpoint on an object store without conditional writes: no one-fit lock",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_fit)
 
@@ -823,6 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--proba", action="store_true", help="write responsibilities (n, K) instead of labels"
     )
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -830,6 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
     _add_data_options(p)
     _add_quiet_option(p)
+    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_score)
 
@@ -860,10 +992,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p)
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser(
+        "ingest", help="append Parquet data (files, a partitioned dataset, DuckDB SQL) to Zarr"
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        nargs="?",
+        help="a Parquet file or dataset directory (optional with a --query that reads files)",
+    )
+    p.add_argument("out", metavar="OUT.zarr", help="the Zarr array to create or append to")
+    p.add_argument(
+        "--query", metavar="SQL", help="DuckDB SQL producing the rows (view 'source': SOURCE)"
+    )
+    p.add_argument("--columns", metavar="A,B", help="feature columns (default: every numeric one)")
+    p.add_argument(
+        "--partition", metavar="NAME", help="the partition to ingest (e.g. dt=2026-11-22)"
+    )
+    p.add_argument(
+        "--missing",
+        choices=["error", "drop", "keep"],
+        default="error",
+        help="NULL/NaN/inf values: refuse (default), drop their rows, or store NaN",
+    )
+    p.add_argument(
+        "--replace-partition",
+        action="store_true",
+        help="replace a partition whose content changed since it was ingested",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float64", "float32"],
+        help="stored dtype (default float64, or the store's when appending)",
+    )
+    p.add_argument(
+        "--store-chunk-rows",
+        type=_positive_int,
+        metavar="R",
+        help="rows per chunk of a new store (default: automatic, chunks of ~8 MiB)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_quiet_option(p)
+    _add_storage_option(p)
+    p.set_defaults(func=cmd_ingest)
+
     p = sub.add_parser("info", help="JSON description of a model or a checkpoint directory")
     p.add_argument(
         "path", metavar="MODEL.zarr|CHECKPOINT_DIR", help="a model, or a --checkpoint-dir"
     )
+    _add_storage_option(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -911,6 +1088,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_usage(parser, args)
+    try:
+        return _run(args)
+    finally:
+        close_sessions()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """``args.func(args)`` with the exit status of each outcome (see the module docstring)."""
     try:
         return int(args.func(args))
     except UserError as err:

@@ -289,6 +289,22 @@ def _connect_failure(err: BaseException, where: str, security: Any) -> str:
     )
 
 
+def _object_store_sessions() -> Any:
+    """A worker plugin closing a local worker's object-store sessions when it stops
+    (`dask_em.store.close_sessions`), so its exit prints no aiohttp warnings."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class ObjectStoreSessions(WorkerPlugin):
+        name = "dask-em-object-store-sessions"
+
+        def teardown(self, worker: Any) -> None:
+            from dask_em.store import close_sessions
+
+            close_sessions()
+
+    return ObjectStoreSessions()
+
+
 @contextmanager
 def connect(
     scheduler: str | None = None,
@@ -378,6 +394,7 @@ def connect(
         silence_logs=logging.CRITICAL,
     )
     with cluster, Client(cluster, set_as_default=True) as client, killed_workers_reported():
+        client.register_plugin(_object_store_sessions())
         if not quiet:
             workers = len(cluster.workers)
             print(

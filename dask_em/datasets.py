@@ -11,6 +11,7 @@ alone and the data never needs to fit in memory. The chunk functions are NumPy o
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -31,6 +32,7 @@ def generate(
     n_components: int,
     seed: int = 0,
     store_chunk_rows: int = STORE_CHUNK_ROWS,
+    storage_options: dict[str, Any] | None = None,
 ) -> GMMParams:
     """Write a synthetic mixture dataset to a Zarr array; return its true parameters.
 
@@ -45,6 +47,8 @@ def generate(
     store_chunk_rows : int, default `STORE_CHUNK_ROWS`
         Rows per chunk of the written store (the rows are drawn per chunk, so they
         depend on it; rows per task when fitting are chosen separately, ``chunk_rows``).
+    storage_options : dict, optional
+        fsspec options of a URL ``path`` (credentials, ``endpoint_url``).
 
     Returns
     -------
@@ -65,6 +69,7 @@ def generate(
             "true_means": params.means.tolist(),
             "true_covariances": params.covariances.tolist(),
         },
+        storage_options=storage_options,
     )
     return params
 

@@ -50,14 +50,19 @@ PYTHON_WORDS: dict[str, str] = {
     "key": "key",
     "memory": "memory",
     "memory_limit": "memory_limit",
+    "missing_drop": "missing='drop'",
+    "missing_keep": "missing='keep'",
     "n_components": "n_components",
     "queue": "queue",
+    "no_lock": "checkpoint_lock=False",
     "reg_covar": "reg_covar",
+    "replace_partition": "replace_partition=True",
     "restart": "fit(..., restart=True)",
     "scheduler": "scheduler",
     "scheduler_file": "scheduler_file",
     "security": "security",
     "walltime": "walltime",
+    "storage_options": "storage_options",
 }
 """The fields a message template may hold, each with its wording for a Python user.
 

@@ -54,7 +54,14 @@ from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, check_chunk_memory, map
 from dask_em.reseed import empty_weights
 from dask_em.stats import ZERO_WEIGHT_SUM
 
-RUN_SETTINGS = ("checkpoint_dir", "verbose", "verbose_interval", "chunk_rows")
+RUN_SETTINGS = (
+    "checkpoint_dir",
+    "verbose",
+    "verbose_interval",
+    "chunk_rows",
+    "storage_options",
+    "checkpoint_lock",
+)
 """Parameters that say how a fit runs, not what model it makes: `GaussianMixture.save`
 records them, `load_model` leaves them at their defaults (a loaded model refitted on new
 data must not resume another fit's checkpoint nor inherit another data's chunking)."""
@@ -142,6 +149,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         its chunks. An integer is used as given for NumPy and Dask input and rounded up
         to a whole number of store chunks for Zarr input. The row chunks fix the
         reduction order, so they are part of a checkpoint's data fingerprint.
+    storage_options : dict, optional
+        fsspec options (credentials, ``endpoint_url``) of URLs (``s3://bucket/...``)
+        given as ``X``, ``checkpoint_dir`` or to `save`; credentials may come from the
+        environment instead.
+    checkpoint_lock : bool, default True
+        Hold the checkpoint's one-fit-at-a-time lock. On an object store the lock needs
+        conditional writes (S3 ``If-None-Match``); a store without them is refused
+        unless ``checkpoint_lock=False`` (then run one fit at a time on it yourself).
 
     Attributes
     ----------
@@ -199,6 +214,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         cache: bool | str = "auto",
         split_every: int = DEFAULT_SPLIT_EVERY,
         chunk_rows: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        checkpoint_lock: bool = True,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -219,6 +236,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.cache = cache
         self.split_every = split_every
         self.chunk_rows = chunk_rows
+        self.storage_options = storage_options
+        self.checkpoint_lock = checkpoint_lock
 
     # ------------------------------------------------------------------ checks
     def _check_hyper_parameters(self) -> None:
@@ -262,7 +281,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         `dask_em.io.open_array` for Zarr input and `dask_em.io.row_chunked` otherwise.
         """
         if isinstance(X, str | os.PathLike | zarr.Array | zarr.Group):
-            X = open_array(X, chunk_rows=self.chunk_rows)
+            X = open_array(X, chunk_rows=self.chunk_rows, storage_options=self.storage_options)
         if isinstance(X, da.Array):
             if any(np.isnan(c) for c in X.shape):
                 raise DataError("X has unknown chunk sizes; call X.compute_chunk_sizes() first.")
@@ -505,7 +524,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             "data": data_fingerprint(data.X, data.sample_weight, data.row_starts),
             "hyper_parameters": hyper,
         }
-        return Checkpoint(self.checkpoint_dir, fingerprint)
+        return Checkpoint(
+            self.checkpoint_dir, fingerprint, self.storage_options, self.checkpoint_lock
+        )
 
     def _on_iteration(self, index: int, it: Iteration) -> None:
         """Progress output (``verbose >= 2``) and a warning for every re-seeded component."""
@@ -651,8 +672,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """Write the fitted model as a Zarr group (no pickle); see `load_model`.
 
-        ``extra``: more JSON-ready attributes to store with the model (e.g. the
-        ``selection`` table of `dask_em.select`), read back by `dask_em.io.read_model`.
+        ``path`` may be an fsspec URL, written with ``storage_options``. ``extra``: more
+        JSON-ready attributes to store with the model (e.g. the ``selection`` table of
+        `dask_em.select`), read back by `dask_em.io.read_model`.
         """
         params = self._params()
         hyper = {
@@ -675,22 +697,26 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 "dask_em_version": __version__,
                 **(extra or {}),
             },
+            storage_options=self.storage_options,
         )
 
 
-def load_model(path: str | os.PathLike[str]) -> GaussianMixture:
+def load_model(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> GaussianMixture:
     """Read a model written by `GaussianMixture.save` into a fitted `GaussianMixture`.
 
     The hyper-parameters that shape the model are restored; the `RUN_SETTINGS`
     (``checkpoint_dir``, ``verbose``, ``verbose_interval``, ``chunk_rows``) keep their
     defaults, so a loaded model refitted on new data starts no other fit's checkpoint.
+    ``path`` may be an fsspec URL, read with ``storage_options`` (kept by the model).
     """
-    params, attrs = read_model(path)
+    params, attrs = read_model(path, storage_options)
     known = set(GaussianMixture().get_params()) - set(RUN_SETTINGS)
     hyper = {k: v for k, v in attrs.get("hyper_parameters", {}).items() if k in known}
     hyper["covariance_type"] = params.covariance_type
     hyper["n_components"] = params.n_components
-    gm = GaussianMixture(**hyper)
+    gm = GaussianMixture(**hyper, storage_options=storage_options)
     gm._set_fitted(params)
     gm.n_features_in_ = params.n_features
     gm.converged_ = bool(attrs.get("converged", False))

@@ -60,6 +60,7 @@ import zarr
 
 from dask_em.errors import DataError, OutputError, ParameterError
 from dask_em.io import ARRAY_COMPRESSORS
+from dask_em.store import Location, is_url, storage_error
 
 FORMAT_VERSION = 1
 ATTRIBUTE = "dask_em_ingest"
@@ -109,6 +110,8 @@ class _Unit:
 
     name: str
     files: tuple[str, ...]
+    fs: Any = None
+    """The fsspec file system of ``files`` (None: local paths)."""
 
 
 def _parquet_files(root: Path) -> list[Path]:
@@ -119,22 +122,54 @@ def _parquet_files(root: Path) -> list[Path]:
     )
 
 
-def _units(source: str | None, partition: str | None) -> list[_Unit]:
+def _remote_groups(place: Location) -> tuple[dict[str, list[str]], Any]:
+    """`_units`' grouping of the Parquet files under a URL, and its file system."""
+    place.check_reachable("the source")
+    fs, root = place.filesystem()
+    try:
+        if fs.isfile(root):
+            return {"": [root]}, fs
+        found = fs.find(root)
+    except Exception as err:  # noqa: BLE001 - mapped, or re-raised as a bug
+        mapped = storage_error(err, place.location, "the source")
+        if mapped is None:
+            raise
+        raise mapped from None
+    groups: dict[str, list[str]] = {}
+    base = root.rstrip("/").rsplit("/", 1)[-1]
+    for file in sorted(found):
+        rel = file[len(root.rstrip("/")) + 1 :]
+        parts = rel.split("/")
+        if not file.endswith(".parquet") or any(p[:1] in "._" for p in parts):
+            continue
+        groups.setdefault("/".join(parts[:-1]) or base, []).append(file)
+    return groups, fs
+
+
+def _units(
+    source: str | None, partition: str | None, storage_options: dict[str, Any] | None = None
+) -> list[_Unit]:
     """The partitions of ``source`` to ingest, in order (see the module docstring)."""
     if source is None:
         return [_Unit(partition or "query", ())]
-    path = Path(source)
-    if path.is_file():
-        return [_Unit(partition or path.name, (str(path),))]
-    if not path.is_dir():
-        raise DataError(f"no such file or directory: {source!r}; check the source path.")
-    groups: dict[str, list[str]] = {}
-    for file in _parquet_files(path):
-        rel = file.parent.relative_to(path).as_posix()
-        groups.setdefault(path.name if rel == "." else rel, []).append(str(file))
+    fs = None
+    if is_url(source):
+        groups, fs = _remote_groups(Location(source, storage_options))
+        if "" in groups:  # a single file
+            return [_Unit(partition or source.rsplit("/", 1)[-1], tuple(groups[""]), fs)]
+    else:
+        path = Path(source)
+        if path.is_file():
+            return [_Unit(partition or path.name, (str(path),))]
+        if not path.is_dir():
+            raise DataError(f"no such file or directory: {source!r}; check the source path.")
+        groups = {}
+        for file in _parquet_files(path):
+            rel = file.parent.relative_to(path).as_posix()
+            groups.setdefault(path.name if rel == "." else rel, []).append(str(file))
     if not groups:
         raise DataError(f"{source!r} holds no .parquet files; pass a Parquet file or dataset.")
-    units = [_Unit(name, tuple(files)) for name, files in sorted(groups.items())]
+    units = [_Unit(name, tuple(files), fs) for name, files in sorted(groups.items())]
     if partition is None:
         return units
     chosen = [u for u in units if u.name == partition or u.name.startswith(partition + "/")]
@@ -194,7 +229,10 @@ def _batches(
     pa, _, pq = _arrow()
     if query is None:
         try:
-            files = [pq.ParquetFile(f, pre_buffer=False) for f in unit.files]
+            files = [
+                pq.ParquetFile(f if unit.fs is None else unit.fs.open(f, "rb"), pre_buffer=False)
+                for f in unit.files
+            ]
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"partition {unit.name!r}: {_first_line(err)}") from None
 
@@ -223,7 +261,14 @@ def _batches(
         )
 
     try:
-        if unit.files:
+        if unit.fs is not None:  # DuckDB reads the object store's files through Arrow
+            import pyarrow.dataset as pds
+
+            dataset = pds.dataset(
+                list(unit.files), filesystem=unit.fs, format="parquet", partitioning="hive"
+            )
+            con.register("source", dataset)
+        elif unit.files:
             listed = ", ".join("'" + f.replace("'", "''") + "'" for f in unit.files)
             con.execute(
                 f"CREATE VIEW source AS SELECT * FROM read_parquet([{listed}], "
@@ -321,8 +366,8 @@ def _missing_message(where: str, names: list[str], counts: _Counts, missing: str
         j = int(np.flatnonzero(counts.inf)[0])
         return (
             f"{where}: column {names[j]!r} has {counts.inf[j]} infinite value(s); "
-            "missing='keep' stores NULL and NaN as NaN but never infinity: pass "
-            "missing='drop' to drop those rows."
+            "{missing_keep} stores NULL and NaN as NaN but never infinity: pass "
+            "{missing_drop} to drop those rows."
         )
     total = counts.nan + counts.inf
     bad = np.flatnonzero(total)
@@ -332,8 +377,8 @@ def _missing_message(where: str, names: list[str], counts: _Counts, missing: str
         what += (" and " if what else "") + f"{counts.inf[j]} infinite"
     more = f" (and {len(bad) - 1} more column(s))" if len(bad) > 1 else ""
     return (
-        f"{where}: column {names[j]!r} has {what} value(s){more}; pass missing='drop' "
-        "to drop those rows or missing='keep' to store missing values as NaN."
+        f"{where}: column {names[j]!r} has {what} value(s){more}; pass {{missing_drop}} "
+        "to drop those rows or {missing_keep} to store missing values as NaN."
     )
 
 
@@ -564,6 +609,7 @@ def ingest(
     dtype: str | None = None,
     chunk_rows: int | None = None,
     progress: Progress | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Ingest Parquet data (files, a hive-partitioned dataset, or a DuckDB query) into Zarr.
 
@@ -573,10 +619,12 @@ def ingest(
     Parameters
     ----------
     source : str, path or None
-        A Parquet file or a directory of Parquet files (hive-partitioned or not), local.
-        None with ``query`` that reads files itself.
+        A Parquet file or a directory of Parquet files (hive-partitioned or not), a
+        local path or an fsspec URL (``s3://bucket/dataset``, read with
+        ``storage_options``). None with ``query`` that reads files itself.
     out : str or path
-        The Zarr array to create or append to (a local directory).
+        The Zarr array to create or append to (a local directory: appends are committed
+        with renames; copy the store to a bucket once written).
     columns : sequence of str, optional
         Feature columns, in order. Default: every numeric column of the first partition
         (integer, floating point, decimal), or the store's columns when appending.
@@ -601,6 +649,8 @@ def ingest(
     progress : callable, optional
         Called with a dict (``rows``, ``partitions``, ``partitions_total``, ``partition``,
         ``seconds``, ``rows_per_s``) after every chunk written and every partition.
+    storage_options : dict, optional
+        fsspec options (credentials, ``endpoint_url``) of a URL ``source``.
 
     Returns
     -------
@@ -649,7 +699,14 @@ def ingest(
     _arrow()
     if query is not None:
         _duckdb()
-    units = _units(None if source is None else os.fspath(source), partition)
+    if is_url(out):
+        raise OutputError(
+            f"ingest writes a local Zarr store (its appends commit with renames, which "
+            f"object stores lack), not {os.fspath(out)!r}; write it to a local path, then "
+            "copy it to the bucket.",
+            parameter="out",
+        )
+    units = _units(None if source is None else os.fspath(source), partition, storage_options)
     out = Path(out)
     _clean_leftovers(out)
     if out.exists() and not (out / "zarr.json").is_file():
@@ -768,7 +825,7 @@ def _ingest_locked(
     if changed and not replace_partition:
         raise DataError(
             f"partition {changed[0][0].name!r} changed since it was ingested into "
-            f"{os.fspath(out)!r} (content hash differs); pass replace_partition=True to "
+            f"{os.fspath(out)!r} (content hash differs); pass {{replace_partition}} to "
             "replace it (its rows and the rows after it are rewritten)."
         )
 

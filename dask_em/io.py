@@ -11,7 +11,9 @@ A model is published as one immutable version at a time (`write_model`: the mode
 path points to its current version, the pointer replaced last and atomically), so a
 reader sees the old model or the new one whole, never a mix; it is validated when read.
 Other outputs are written under a temporary name beside their destination and renamed
-into place when complete. An output replaces only an earlier dask-em output of the same
+into place when complete. Every path may be an fsspec URL (``s3://``, with
+``storage_options``): there, with no rename, the last write is the small object readers
+need (a model's pointer, an array's ``zarr.json``), through `dask_em.store.Location`. An output replaces only an earlier dask-em output of the same
 kind, and never an input of the command (`check_output`). Data and model chunks are read
 strictly (`dask_em.store`): a missing or undecodable chunk is an error naming it.
 Arrays that dask-em writes (generated data, predictions) use `ARRAY_COMPRESSORS`.
@@ -47,7 +49,13 @@ from dask_em.params import (
     covariance_shape,
     validate_params,
 )
-from dask_em.store import WRITE_EVERY_CHUNK, StrictArray, check_chunks_present
+from dask_em.store import (
+    WRITE_EVERY_CHUNK,
+    Location,
+    StrictArray,
+    check_chunks_present,
+    is_url,
+)
 
 TASK_TARGET_BYTES = 32 * 2**20
 """Most input bytes per task when `choose_chunk_rows` merges small store chunks.
@@ -244,6 +252,7 @@ def open_array(
     source: str | os.PathLike[str] | zarr.Array | zarr.Group,
     array: str | None = None,
     chunk_rows: int | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> da.Array:
     """Open a 2-D numeric Zarr array as a lazy Dask array.
 
@@ -256,6 +265,8 @@ def open_array(
     chunk_rows : int, optional
         Rows per Dask chunk (task), rounded up to a whole number of store chunks;
         None chooses with `choose_chunk_rows`.
+    storage_options : dict, optional
+        fsspec options of a URL ``source`` (credentials, ``endpoint_url``).
 
     Returns
     -------
@@ -272,14 +283,16 @@ def open_array(
     """
     node: Any = source
     if isinstance(source, str | os.PathLike):
-        location = os.fspath(source)
-        if "://" not in location and not os.path.exists(location):
+        place = Location(source, storage_options)
+        location = place.location
+        place.check_reachable("the data")
+        if not place.exists():
             raise DataError(f"no such file or directory: {location!r}; check the data path.")
-        if "://" not in location:
+        if not place.is_url:
             stored = Path(location) / array if array is not None else Path(location)
             _check_stored_metadata(stored, repr(os.fspath(stored)))
         try:
-            node = zarr.open(location, mode="r")
+            node = zarr.open(location, mode="r", **place.zarr_options())
         except (FileNotFoundError, ValueError, KeyError) as err:
             raise DataError(
                 f"{location!r} is not a Zarr array or group ({type(err).__name__}); "
@@ -359,14 +372,18 @@ def check_data_shape_dtype(shape: tuple[int, ...], dtype: Any, name: str = "data
         )
 
 
-def output_kind(path: str | os.PathLike[str]) -> str | None:
+def output_kind(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> str | None:
     """The kind (one of `OUTPUT_KINDS`) of the dask-em output at ``path``, else None.
 
     Outputs carry ``dask_em_output: KIND``; earlier ones carried ``true`` and are told
     apart by their other attributes (a model's ``format``, predictions' ``kind``).
     """
     try:
-        attrs = zarr.open(os.fspath(path), mode="r").attrs
+        attrs = zarr.open(
+            os.fspath(path), mode="r", **Location(path, storage_options).zarr_options()
+        ).attrs
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return None
     marker = attrs.get("dask_em_output")
@@ -399,6 +416,7 @@ def check_output(
     path: str | os.PathLike[str],
     kind: str,
     inputs: Sequence[str | os.PathLike[str]] = (),
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Raise OutputError now if writing ``path`` would destroy anything it must not.
 
@@ -413,6 +431,8 @@ def check_output(
     kind : {'model', 'predictions', 'data'}
     inputs : sequence of str or path
         What the command reads (data, and a model read by ``predict``).
+    storage_options : dict, optional
+        fsspec options of a URL ``path``.
 
     Raises
     ------
@@ -428,9 +448,9 @@ def check_output(
                 f"the output {location!r} is the input {os.fspath(source)!r} (or holds it, "
                 "or lies inside it); refusing to overwrite an input: choose another output path."
             )
-    if not os.path.exists(location):
+    if not Location(location, storage_options).exists():
         return
-    found = output_kind(location)
+    found = output_kind(location, storage_options)
     if found is None:
         raise OutputError(
             f"{location!r} exists and was not written by dask-em; refusing to "
@@ -549,12 +569,18 @@ def destination_problem(path: str | os.PathLike[str], expected_bytes: int = 0) -
     return None
 
 
-def check_destination(path: str | os.PathLike[str], expected_bytes: int = 0) -> None:
+def check_destination(
+    path: str | os.PathLike[str],
+    expected_bytes: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
     """Raise OutputError now if the output ``path`` cannot be written (`destination_problem`).
 
     Called before a long computation, so an unwritable or full destination fails
-    before the work instead of after it.
+    before the work instead of after it. A URL's store is checked to be reachable
+    (`dask_em.store.Location.check_reachable`: credentials, bucket, endpoint).
     """
+    Location(path, storage_options).check_reachable("the output")
     problem = destination_problem(path, expected_bytes)
     if problem is not None:
         raise OutputError(f"cannot write the output: {problem}; choose another output path.")
@@ -603,12 +629,15 @@ def store_array(
     *,
     kind: str,
     inputs: Sequence[str | os.PathLike[str]] = (),
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Compute a lazy array chunk by chunk into a Zarr array, published atomically.
 
     Written under a temporary name beside ``path`` and renamed into place when every
     chunk is written, so no half-written array ever appears under ``path``. Every chunk
     is stored (`dask_em.store.WRITE_EVERY_CHUNK`), compressed with `ARRAY_COMPRESSORS`.
+    On an object store (a URL: no rename) the array's metadata object ``zarr.json``,
+    without which no reader sees an array, is written last (`_store_to_object_store`).
 
     Parameters
     ----------
@@ -621,18 +650,66 @@ def store_array(
         What the array is: it replaces only an earlier output of this kind.
     inputs : sequence of str or path
         What the computation reads; ``path`` must not be, hold or lie inside any of them.
+    storage_options : dict, optional
+        fsspec options of a URL ``path``.
 
     Raises
     ------
     OutputError
         If ``path`` must not be written (`check_output`) or writing fails (OSError).
     """
+    if is_url(path):
+        _store_to_object_store(
+            X,
+            Location(path, storage_options),
+            {**(attrs or {}), "dask_em_output": kind},
+            kind,
+            inputs,
+        )
+        return
     with _published(Path(path), kind, inputs) as tmp:
         da.to_zarr(
             X, str(tmp), compute=True, compressors=list(ARRAY_COMPRESSORS), config=WRITE_EVERY_CHUNK
         )
         group_attrs = zarr.open_array(str(tmp), mode="r+").attrs
         group_attrs.update({**(attrs or {}), "dask_em_output": kind})
+
+
+def _store_to_object_store(
+    X: da.Array,
+    place: Location,
+    attrs: dict[str, Any],
+    kind: str,
+    inputs: Sequence[str | os.PathLike[str]],
+) -> None:
+    """`store_array` on an object store: "the previous output or a complete one, never a
+    half one" by the metadata object. An earlier output is made invisible first (its
+    ``zarr.json`` deleted, then its chunks), the chunks are written, and ``zarr.json``
+    is put back last, one PUT. A writer killed meanwhile leaves no array at ``path``
+    (chunk objects without metadata, removed by the next write), never a partial one.
+    """
+    place.check_reachable("the output")
+    check_output(place.location, kind, inputs, place.storage_options)
+    meta = place.child("zarr.json")
+    meta.remove()
+    place.remove()
+    try:
+        target = zarr.create_array(
+            place.location,
+            shape=X.shape,
+            chunks=tuple(c[0] for c in X.chunks),
+            dtype=X.dtype,
+            compressors=list(ARRAY_COMPRESSORS),
+            config=WRITE_EVERY_CHUNK,
+            attributes=attrs,
+            **place.zarr_options(),
+        )
+        published = meta.read_bytes()
+        meta.remove()  # invisible until every chunk is written
+        da.store(X, target, lock=False, compute=True)
+        meta.write_bytes(published)
+    except OSError as err:
+        raise write_failed(place.location, err) from None
 
 
 def _json_float(value: float) -> float | None:
@@ -653,9 +730,10 @@ def _versions(root: Path) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _write_version(path: Path, params: GMMParams, attrs: dict[str, Any]) -> None:
+def _write_version(path: Path | Location, params: GMMParams, attrs: dict[str, Any]) -> None:
     """Write one complete, self-contained model version group at ``path``."""
-    group = zarr.open_group(str(path), mode="w")
+    place = path if isinstance(path, Location) else Location(path)
+    group = zarr.open_group(place.location, mode="w", **place.zarr_options())
     for name in PARAM_ARRAYS:
         group.create_array(
             name,
@@ -665,8 +743,8 @@ def _write_version(path: Path, params: GMMParams, attrs: dict[str, Any]) -> None
     group.attrs.update(attrs)
 
 
-def _write_pointer(root: Path, current: str, previous: str | None) -> None:
-    """Replace the model group's metadata (the pointer to ``current``) atomically."""
+def _pointer(current: str, previous: str | None) -> bytes:
+    """The model group's metadata pointing to its ``current`` version."""
     meta = {
         "zarr_format": 3,
         "node_type": "group",
@@ -678,10 +756,15 @@ def _write_pointer(root: Path, current: str, previous: str | None) -> None:
             "previous": previous,
         },
     }
+    return json.dumps(meta, indent=2).encode()
+
+
+def _write_pointer(root: Path, current: str, previous: str | None) -> None:
+    """Replace the model group's metadata (the pointer to ``current``) atomically."""
     tmp = root / f".zarr.json.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(meta, f, indent=2)
+        with open(tmp, "wb") as f:
+            f.write(_pointer(current, previous))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, root / "zarr.json")
@@ -730,6 +813,7 @@ def write_model(
     params: GMMParams,
     attrs: dict[str, Any],
     inputs: Sequence[str | os.PathLike[str]] = (),
+    storage_options: dict[str, Any] | None = None,
 ) -> None:
     """Publish a model at ``path`` as one new immutable version (format version 2).
 
@@ -741,17 +825,22 @@ def write_model(
     version is kept for readers still reading it, and older ones until
     `MODEL_GRACE_SECONDS` after they were replaced; then they are removed. A path that
     does not hold a version-2 model yet (new, or an earlier format) is written whole
-    under a temporary name and renamed into place.
+    under a temporary name and renamed into place. On an object store (a URL: there is
+    no rename) the version is written under its final prefix, invisible to readers
+    until the pointer object, written last with one PUT, names it.
 
     Parameters
     ----------
     path : str or path
-        Destination; must be new or an earlier dask-em model (`check_output`).
+        Destination, a local path or an fsspec URL; must be new or an earlier dask-em
+        model (`check_output`).
     params : GMMParams
     attrs : dict
         JSON-serializable attributes (non-finite floats are stored as null).
     inputs : sequence of str or path
         What produced the model reads; ``path`` must not be any of them.
+    storage_options : dict, optional
+        fsspec options of a URL ``path``.
 
     Raises
     ------
@@ -767,6 +856,9 @@ def write_model(
         "n_features": params.n_features,
         **clean,
     }
+    if is_url(path):
+        _write_model_to_object_store(Location(path, storage_options), params, version_attrs, inputs)
+        return
     root = Path(path)
     pointer = _read_pointer(root) if root.is_dir() else None
     if pointer is None:  # a new path, or a model of format version 1: publish whole
@@ -792,6 +884,47 @@ def write_model(
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _write_model_to_object_store(
+    root: Location,
+    params: GMMParams,
+    attrs: dict[str, Any],
+    inputs: Sequence[str | os.PathLike[str]],
+) -> None:
+    """`write_model` on an object store: the version under its final prefix, then the
+    pointer object (one PUT, the commit point); then versions older than the previous
+    one, and versions of killed writers, are removed."""
+    root.check_reachable("the output")
+    check_output(root.location, "model", inputs, root.storage_options)
+    try:
+        pointer = _parse_pointer(root.child("zarr.json").read_bytes())
+    except FileNotFoundError:
+        pointer = None
+    versions = [(int(m.group(1)), n) for n in root.names() if (m := _VERSION.match(n))]
+    sequence = max((n for n, _ in versions), default=0) + 1
+    name = f"v-{sequence:08d}-{uuid.uuid4().hex}"
+    try:
+        _write_version(root.child(name), params, attrs)
+        root.child("zarr.json").write_bytes(_pointer(name, pointer))
+    except OSError as err:
+        root.child(name).remove()
+        raise write_failed(root.location, err) from None
+    for number, old in versions:  # older than the version now previous, or never published
+        if old != pointer and number < sequence:
+            root.child(old).remove()
+
+
+def _parse_pointer(raw: bytes) -> str | None:
+    """The ``current`` version named by a version-2 model group's metadata, else None."""
+    try:
+        attrs = json.loads(raw).get("attributes", {})
+    except (ValueError, AttributeError):
+        return None
+    current = attrs.get("current") if isinstance(attrs, dict) else None
+    if attrs.get("format") != MODEL_FORMAT or not isinstance(current, str):
+        return None
+    return current if _VERSION.match(current) else None
+
+
 def _read_pointer(root: Path) -> str | None:
     """The ``current`` version named by a version-2 model group, else None."""
     try:
@@ -811,13 +944,22 @@ def model_version_path(path: str | os.PathLike[str]) -> Path:
     return root / current if current is not None else root
 
 
-def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]:
+def read_model(
+    path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> tuple[GMMParams, dict[str, Any]]:
     """Read one whole version of a model written by `write_model`, and validate it.
 
     Resolves the version pointer once and reads that version; if the version was
     removed during the read (the model was republished twice meanwhile), resolves the
     pointer again, at most `MODEL_READ_ATTEMPTS` times. Models of format version 1
     (arrays at the model path) are read too.
+
+    Parameters
+    ----------
+    path : str or path
+        A local path or an fsspec URL.
+    storage_options : dict, optional
+        fsspec options of a URL (credentials, ``endpoint_url``).
 
     Returns
     -------
@@ -833,12 +975,14 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
         missing, damaged or of inconsistent shapes, or its parameters are not a valid
         mixture (the message names the first violation).
     """
-    location = os.fspath(path)
-    if not os.path.exists(location):
+    place = Location(path, storage_options)
+    location = place.location
+    place.check_reachable("the model")
+    if not place.exists():
         raise DataError(f"no such model: {location!r}; check the model path.")
     for _ in range(MODEL_READ_ATTEMPTS):
         try:
-            group = zarr.open_group(location, mode="r")
+            group = zarr.open_group(location, mode="r", **place.zarr_options())
         except (FileNotFoundError, ValueError) as err:
             if isinstance(err, zarr.errors.ContainsArrayError):
                 raise DataError(
@@ -854,7 +998,7 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
                 f"{location!r} is not a dask-em model (no 'format: {MODEL_FORMAT}' attribute)."
             )
         if attrs.get("format_version") == 1:
-            return _read_model_group(Path(location), location, attrs)
+            return _read_model_group(place, location, attrs)
         if attrs.get("format_version") != MODEL_FORMAT_VERSION:
             raise DataError(
                 f"{location!r} has model format version {attrs.get('format_version')!r}; this "
@@ -863,15 +1007,17 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
         current = attrs.get("current")
         if not isinstance(current, str) or not _VERSION.match(current):
             raise DataError(f"{location!r} names no valid current version; the model is damaged.")
-        version = Path(location) / current
+        version = place.child(current)
         try:
-            group_attrs = dict(zarr.open_group(str(version), mode="r").attrs)
+            group_attrs = dict(
+                zarr.open_group(version.location, mode="r", **version.zarr_options()).attrs
+            )
             result = _read_model_group(version, location, group_attrs)
         except (DataError, FileNotFoundError, KeyError, ValueError):
-            if version.is_dir():
+            if version.exists():
                 raise
             continue  # removed by a later writer while being read: resolve again
-        if version.is_dir():  # still published: every read happened before any removal
+        if version.exists():  # still published: every read happened before any removal
             return result
     raise DataError(
         f"{location!r} was republished {MODEL_READ_ATTEMPTS} times while being read; "
@@ -880,15 +1026,18 @@ def read_model(path: str | os.PathLike[str]) -> tuple[GMMParams, dict[str, Any]]
 
 
 def _read_model_group(
-    group_path: Path, location: str, attrs: dict[str, Any]
+    group_path: Location, location: str, attrs: dict[str, Any]
 ) -> tuple[GMMParams, dict[str, Any]]:
     """The parameters of the model group at ``group_path`` (``location`` names it)."""
     cov_type = attrs.get("covariance_type")
     if cov_type not in COVARIANCE_TYPES:
         raise DataError(f"{location!r} has an unknown covariance_type {cov_type!r}.")
-    for name in PARAM_ARRAYS:  # before Zarr parses any array's metadata
-        _check_stored_metadata(group_path / name, f"the model array {location}/{name}")
-    group = zarr.open_group(str(group_path), mode="r")
+    if not group_path.is_url:
+        for name in PARAM_ARRAYS:  # before Zarr parses any array's metadata
+            _check_stored_metadata(
+                Path(group_path.location) / name, f"the model array {location}/{name}"
+            )
+    group = zarr.open_group(group_path.location, mode="r", **group_path.zarr_options())
     arrays = {}
     for name in PARAM_ARRAYS:
         if name not in group.array_keys():

@@ -1,4 +1,12 @@
-"""Strict access to Zarr chunks: every chunk present and decodable, or an error naming it.
+"""Where dask-em's bytes live: strict access to Zarr chunks, and the storage interface.
+
+`Location` is the one interface to local directories and object stores (fsspec URLs,
+``s3://``): whole-object atomic writes, create-if-absent writes, listing, removal, and
+`Location.check_reachable`, which turns denied credentials, a missing bucket or an
+unreachable endpoint into one-line errors; `close_sessions` closes s3fs's HTTP sessions
+before exit. Everything above it uses the same calls for both kinds of storage.
+
+Strict access to Zarr chunks: every chunk present and decodable, or an error naming it.
 
 Zarr fills a chunk missing from the store with the array's fill value (by design, for
 sparse arrays; Zarr 3.1 has no option to raise instead), and a chunk that fails to
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -38,7 +47,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from dask_em.errors import DataError
+from dask_em.errors import DataError, ParameterError
 
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 """Zarr array config of every array dask-em writes: chunks equal to the fill value are
@@ -217,3 +226,256 @@ class StrictArray:
 
     def __dask_tokenize__(self) -> str:
         return tokenize("dask-em-strict", self.node)
+
+
+# ------------------------------------------------------------------ object stores
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is an fsspec URL (``s3://bucket/key``) rather than a local path."""
+    return "://" in os.fspath(location)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def storage_error(err: BaseException, url: str, what: str) -> DataError | None:
+    """The one-line DataError for a failure to reach ``url`` (credentials, bucket,
+    endpoint), or None if ``err`` is none of those.
+
+    Parameters
+    ----------
+    err : exception
+        Raised by fsspec or its backend (s3fs, botocore, aiohttp).
+    url : str
+    what : str
+        What ``url`` is to the command ("the data", "the output"), for the message.
+    """
+    if isinstance(err, PermissionError) or "Credentials" in type(err).__name__:
+        return DataError(
+            f"access to {what} {url!r} was denied ({_first_line(err)}); check the "
+            "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
+            "{storage_options} key=/secret=)."
+        )
+    module = type(err).__module__.split(".")[0]
+    if module in ("botocore", "aiohttp", "aiobotocore") or isinstance(
+        err, ConnectionError | TimeoutError
+    ):
+        return DataError(
+            f"cannot reach the object store of {what} {url!r} ({_first_line(err)}); check "
+            "the endpoint (AWS_ENDPOINT_URL or {storage_options} endpoint_url=) and the network."
+        )
+    return None
+
+
+class Location:
+    """A local path or an fsspec URL with its storage options: the one interface through
+    which dask-em touches object stores.
+
+    Everything above it (opening Zarr data, publishing models, checkpoints) uses the
+    same calls for a local directory and a bucket; the differences live here: an
+    atomic whole-object write is ``os.replace`` of a fsynced temporary file locally and
+    a single PUT on an object store, and a create-if-absent write is ``O_EXCL`` locally
+    and a conditional PUT (``If-None-Match: *``) on S3.
+
+    Parameters
+    ----------
+    location : str or path
+    storage_options : dict, optional
+        fsspec options of a URL (credentials, ``endpoint_url``); refused for a local path.
+    """
+
+    def __init__(
+        self, location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.location = os.fspath(location).rstrip("/") if is_url(location) else os.fspath(location)
+        self.storage_options = dict(storage_options or {})
+        self.is_url = is_url(location)
+        self._fs: Any = None
+        self._path = ""
+
+    def filesystem(self) -> tuple[Any, str]:
+        """The fsspec file system and path of a URL (created once).
+
+        Raises
+        ------
+        ParameterError
+            If the URL's protocol needs a package that is missing (``s3fs`` for s3://),
+            or the storage options are refused by it.
+        """
+        if self._fs is None:
+            import fsspec
+
+            try:
+                self._fs, self._path = fsspec.core.url_to_fs(self.location, **self.storage_options)
+            except ImportError:
+                protocol = self.location.split("://", 1)[0]
+                raise ParameterError(
+                    f"{protocol}:// URLs need their fsspec backend: for s3:// run "
+                    'pip install "dask-em[s3]".',
+                    parameter="storage_options",
+                ) from None
+            except (TypeError, ValueError) as err:
+                raise ParameterError(
+                    f"the {{storage_options}} of {self.location!r} are refused: "
+                    f"{_first_line(err)}.",
+                    parameter="storage_options",
+                ) from None
+        return self._fs, self._path
+
+    def zarr_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``zarr.open*`` of this location."""
+        return {"storage_options": self.storage_options} if self.is_url else {}
+
+    def child(self, name: str) -> Location:
+        """The location ``name`` inside this one (same storage options)."""
+        if self.is_url:
+            return Location(f"{self.location}/{name}", self.storage_options)
+        return Location(os.path.join(self.location, name))
+
+    def check_reachable(self, what: str) -> None:
+        """Raise DataError in one line if a URL's store cannot be used: denied
+        credentials, a missing bucket or an unreachable endpoint (a local path: nothing).
+
+        One metadata request; called before any work so no backend error surfaces later.
+        """
+        if not self.is_url:
+            return
+        fs, path = self.filesystem()
+        bucket = path.split("/", 1)[0]
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            raise DataError(
+                f"the bucket {bucket!r} of {what} {self.location!r} does not exist; "
+                "create it or check the URL."
+            ) from None
+        except Exception as err:  # noqa: BLE001 - mapped, or re-raised as a bug
+            mapped = storage_error(err, self.location, what)
+            if mapped is None:
+                raise
+            raise mapped from None
+        try:
+            fs.exists(path)  # a key denied (not only the bucket) fails here
+        except Exception as err:  # noqa: BLE001 - mapped, or re-raised as a bug
+            mapped = storage_error(err, self.location, what)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def exists(self) -> bool:
+        if not self.is_url:
+            return os.path.exists(self.location)
+        fs, path = self.filesystem()
+        fs.invalidate_cache(path)
+        return bool(fs.exists(path))
+
+    def read_bytes(self) -> bytes:
+        """The whole object (FileNotFoundError if absent)."""
+        if not self.is_url:
+            with open(self.location, "rb") as f:
+                return f.read()
+        fs, path = self.filesystem()
+        return bytes(fs.cat_file(path))
+
+    def write_bytes(self, data: bytes) -> None:
+        """Replace the object with ``data`` atomically: a reader sees the old or the new
+        content whole (a fsynced temporary file and ``os.replace``; one PUT)."""
+        if self.is_url:
+            fs, path = self.filesystem()
+            fs.pipe_file(path, data)
+            return
+        tmp = f"{self.location}.tmp-{os.getpid()}-{os.urandom(8).hex()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.location)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def create(self, data: bytes) -> bool:
+        """Write ``data`` only if the object does not exist; return whether it was created.
+
+        Locally ``O_CREAT | O_EXCL``; on S3 a conditional PUT (``If-None-Match: *``),
+        which refuses the write when the key exists, atomically on the server.
+        """
+        if self.is_url:
+            fs, path = self.filesystem()
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        try:
+            fd = os.open(self.location, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def names(self) -> list[str]:
+        """The names directly under this location (none if it does not exist)."""
+        if not self.is_url:
+            return sorted(os.listdir(self.location)) if os.path.isdir(self.location) else []
+        fs, path = self.filesystem()
+        fs.invalidate_cache(path)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def remove(self) -> None:
+        """Delete this object or prefix and everything under it (missing: nothing)."""
+        if not self.is_url:
+            if os.path.isdir(self.location):
+                shutil.rmtree(self.location, ignore_errors=True)
+            elif os.path.exists(self.location):
+                os.unlink(self.location)
+            return
+        fs, path = self.filesystem()
+        try:
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def _zarr_loop() -> Any:
+    from zarr.core.sync import _get_loop
+
+    return _get_loop()
+
+
+def close_sessions() -> None:
+    """Close the HTTP sessions of the object-store file systems this process opened.
+
+    s3fs keeps one aiohttp session per cached file system (fsspec's instance cache,
+    zarr's stores included) and does not close them at exit, where aiohttp then prints
+    "Unclosed client session" on stderr (s3fs issue 943). The CLI calls this before it
+    exits; a process that never used an object store does nothing here.
+    """
+    import sys
+
+    if "s3fs" not in sys.modules:
+        return
+    from fsspec.asyn import sync
+    from s3fs import S3FileSystem
+
+    for fs in list(S3FileSystem._cache.values()):
+        creator = getattr(fs, "_s3creator", None)
+        # zarr's stores use asynchronous file systems, on zarr's event loop
+        loop = _zarr_loop() if fs.asynchronous else getattr(fs, "_loop", None)
+        if creator is None or loop is None or not loop.is_running():
+            continue
+        try:
+            sync(loop, creator.__aexit__, None, None, None, timeout=5)
+        except Exception:  # noqa: BLE001 - a session that cannot close is closed at exit anyway
+            continue
+        fs._s3 = None
+        fs._s3creator = None
+    S3FileSystem.clear_instance_cache()
