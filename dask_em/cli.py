@@ -62,6 +62,7 @@ OPTION_NAMES = {
     "chunk_rows": "--chunk-rows",
     "key": "--tls-key",
     "memory_limit": "--memory-limit",
+    "missing": "--missing em",
     "n_components": "--n-components",
     "reg_covar": "--reg-covar",
     "restart": "--restart",
@@ -284,6 +285,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         random_state=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         acceleration=args.acceleration,
+        missing=args.missing,
     )
     with _cluster(args):
         seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=args.restart)
@@ -336,6 +338,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args,
         f"wrote {'responsibilities' if args.proba else 'labels'} of {X.shape[0]} rows to "
         f"{args.output} in {time.perf_counter() - start:.1f} s",
+    )
+    return 0
+
+
+def cmd_impute(args: argparse.Namespace) -> int:
+    gm, X = _model_and_data(args)
+    check_output(args.output, "data", [args.model, args.data])
+    check_destination(args.output)
+    with _cluster(args):
+        start = time.perf_counter()
+        store_array(
+            gm.impute(X),
+            args.output,
+            {"model": str(args.model), "kind": "impute"},
+            kind="data",
+            inputs=[args.model, args.data],
+        )
+    _say(
+        args,
+        f"wrote {X.shape[0]} rows with missing values imputed to {args.output} in "
+        f"{time.perf_counter() - start:.1f} s",
     )
     return 0
 
@@ -560,6 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard the checkpoint of --checkpoint-dir and start over",
     )
+    p.add_argument(
+        "--missing",
+        choices=["em"],
+        help="treat NaN as missing values: EM on each row's observed values (default: refuse NaN)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_quiet_option(p)
     _add_cluster_options(p)
@@ -575,6 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "impute", help="write a Zarr array with NaN replaced by conditional means under a model"
+    )
+    p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
+    _add_data_options(p)
+    p.add_argument(
+        "--output", required=True, metavar="OUT.zarr", help="where to write the imputed data"
+    )
+    _add_quiet_option(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_impute)
 
     p = sub.add_parser("score", help="JSON: mean log-likelihood, bic, aic, n_samples")
     p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")

@@ -46,6 +46,7 @@ PYTHON_WORDS: dict[str, str] = {
     "chunk_rows": "chunk_rows",
     "key": "key",
     "memory_limit": "memory_limit",
+    "missing": "missing='em'",
     "n_components": "n_components",
     "reg_covar": "reg_covar",
     "restart": "fit(..., restart=True)",
