@@ -328,7 +328,9 @@ def em_chunk_missing(
         With ``loglik = sum_i w_i log p(x_i,o)`` (the observed-data log-likelihood) and
         ``worst`` the row of lowest ``log p(x_i,o)`` among those of positive weight;
         for a row with NaN, ``worst.row`` is its conditional-mean imputation
-        (`impute_block`), so that a component re-seeded there gets a finite mean.
+        (`impute_block`), so that a component re-seeded there gets a finite mean, and
+        ``worst.observed`` its observed coordinates (`dask_em.reseed` compares
+        marginal densities on them).
 
     Raises
     ------
@@ -406,7 +408,7 @@ def _missing_stats(
         at = worst[1]
         weight = 1.0 if sample_weight is None else float(sample_weight[at])
         row = impute_block(X[at : at + 1], params)[0].astype(np.float64)
-        worst_fit = WorstFit(worst[0], int(index[at]), row, weight)
+        worst_fit = WorstFit(worst[0], int(index[at]), row, weight, ~np.isnan(X[at]))
     return SuffStats(nk, s1, s2, loglik, weight_sum, X.shape[0], worst_fit)
 
 

@@ -14,11 +14,14 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
+from scipy import stats as sps
 
 from dask_em import GaussianMixture, kernels_missing, load_model
 from dask_em.checkpoint import CheckpointMismatch
 from dask_em.errors import DataError
-from dask_em.params import COVARIANCE_TYPES, GMMParams
+from dask_em.params import COVARIANCE_TYPES, GMMParams, second_moment_shape
+from dask_em.reseed import reseed
+from dask_em.stats import SuffStats, WorstFit
 from tests.cli_helpers import (
     assert_ok,
     assert_same_fit,
@@ -226,3 +229,40 @@ def test_cli_fit_missing_then_impute_round_trip(tmp_path):
         "row 5",
         "every feature missing",
     )
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_reseed_at_a_row_with_missing_values_compares_marginal_densities(covariance_type):
+    """The re-seed test at a worst row with NaN compares the new component's density on
+    the row's observed coordinates with the row's marginal log-likelihood."""
+    start = truth_params(covariance_type, 131)
+    weights = np.array([0.6, 0.4 - 1e-16, 1e-16])
+    params = GMMParams.from_covariances(weights, start.means, start.covariances, covariance_type)
+    observed = np.array([True, False, True, False])
+    row = np.array([0.5, -1.0, 2.0, 0.25])
+    new_weight = 1e-3 / (1.0 + 1e-3)
+    if covariance_type == "full":
+        live = weights[:2] / weights[:2].sum()
+        s_new = np.tensordot(live, params.covariances[:2], axes=1)
+    elif covariance_type == "tied":
+        s_new = params.covariances
+    elif covariance_type == "diag":
+        s_new = np.diag(np.tensordot(weights[:2] / weights[:2].sum(), params.covariances[:2], 1))
+    else:
+        s_new = np.eye(4) * float(weights[:2] @ params.covariances[:2] / weights[:2].sum())
+    s_oo = s_new[np.ix_(observed, observed)]
+    expected = np.log(new_weight) + sps.multivariate_normal(row[observed], s_oo).logpdf(
+        row[observed]
+    )
+
+    def stats(worst_loglik: float) -> SuffStats:
+        worst = WorstFit(worst_loglik, 7, row, 1.0, observed)
+        zeros = np.zeros(second_moment_shape(covariance_type, 3, 4))
+        return SuffStats(
+            np.array([600.0, 400.0, 0.0]), np.zeros((3, 4)), zeros, 0.0, 1000.0, 1000, worst
+        )
+
+    assert reseed(params, stats(expected + 1e-9)) is None
+    done = reseed(params, stats(expected - 1e-9))
+    assert done is not None
+    np.testing.assert_array_equal(done[0].means[2], row)
