@@ -520,11 +520,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             "random_state": self.random_state if isinstance(self.random_state, int) else None,
             "split_every": self.split_every,
             "acceleration": self.acceleration,
-            "missing": self.missing,
             "weights_init": None if inits[0] is None else content_hash(inits[0])[:16],
             "means_init": None if inits[1] is None else content_hash(inits[1])[:16],
             "precisions_init": None if inits[2] is None else content_hash(inits[2])[:16],
         }
+        if self.missing is not None:  # absent for None: checkpoints of earlier versions resume
+            hyper["missing"] = self.missing
         fingerprint = {
             "data": data_fingerprint(data.X, data.sample_weight, data.row_starts),
             "hyper_parameters": hyper,

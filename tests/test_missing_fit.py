@@ -77,14 +77,21 @@ def test_fit_on_a_zarr_store_with_nan_equals_the_numpy_em_loop(
     assert np.min(np.diff(gm.lower_bounds_)) >= -1e-12 * abs(gm.lower_bounds_[-1])
 
 
-@pytest.mark.parametrize("init_params", ["kmeans", "k-means++", "random", "random_from_data"])
-def test_data_without_nan_gives_exactly_the_missing_none_fit(init_params, write_zarr):
+@pytest.mark.parametrize(
+    ("init_params", "acceleration"),
+    [
+        ("kmeans", None),
+        ("k-means++", None),
+        ("random", None),
+        ("random_from_data", None),
+        ("kmeans", "squarem"),
+    ],
+)
+def test_data_without_nan_gives_exactly_the_missing_none_fit(init_params, acceleration, write_zarr):
     X = sample_rows(truth_params("full", 51), 900, 52)
     store = write_zarr(X, 130)
-    fits = [
-        GaussianMixture(3, init_params=init_params, random_state=0, missing=m).fit(store.path)
-        for m in (None, "em")
-    ]
+    settings = dict(init_params=init_params, acceleration=acceleration, random_state=0, tol=1e-6)
+    fits = [GaussianMixture(3, **settings, missing=m).fit(store.path) for m in (None, "em")]
     for name in PARAMS:
         np.testing.assert_array_equal(getattr(fits[0], name), getattr(fits[1], name))
     assert fits[0].lower_bounds_ == fits[1].lower_bounds_
