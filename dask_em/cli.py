@@ -70,6 +70,7 @@ OPTION_NAMES = {
     "memory_limit": "--memory-limit",
     "missing_drop": "--missing drop",
     "missing_keep": "--missing keep",
+    "missing": "--missing em",
     "n_components": "--n-components",
     "queue": "--queue",
     "no_lock": "--no-lock",
@@ -384,6 +385,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         acceleration=args.acceleration,
         storage_options=so,
         checkpoint_lock=not args.no_lock,
+        missing=args.missing,
     )
     with _cluster(args):
         seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=args.restart)
@@ -419,28 +421,63 @@ def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
     return gm, X
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    gm, X = _model_and_data(args)
+def _write_per_row(
+    args: argparse.Namespace,
+    make: Callable[[], da.Array],
+    kind: str,
+    attrs: dict[str, Any],
+    what: str,
+    n_rows: int,
+) -> int:
+    """Write ``make()``, a lazy per-row result of the model on the data (``predict``,
+    ``impute``), to ``--output`` as an output of ``kind``; the destination is checked first."""
     so = storage_options(args.storage_option)
-    check_output(args.output, "predictions", [args.model, args.data], so)
+    inputs = [args.model, args.data]
+    check_output(args.output, kind, inputs, so)
     check_destination(args.output, storage_options=so)
     with _cluster(args):
         start = time.perf_counter()
-        out = gm.predict_proba(X) if args.proba else gm.predict(X)
         store_array(
-            out,
+            make(),
             args.output,
-            {"model": str(args.model), "kind": "predict_proba" if args.proba else "predict"},
-            kind="predictions",
-            inputs=[args.model, args.data],
+            {"model": str(args.model), **attrs},
+            kind=kind,
+            inputs=inputs,
             storage_options=so,
         )
     _say(
         args,
-        f"wrote {'responsibilities' if args.proba else 'labels'} of {X.shape[0]} rows to "
-        f"{args.output} in {time.perf_counter() - start:.1f} s",
+        f"wrote {what} of {n_rows} rows to {args.output} in {time.perf_counter() - start:.1f} s",
     )
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    gm, X = _model_and_data(args)
+    if args.proba:
+        return _write_per_row(
+            args,
+            lambda: gm.predict_proba(X),
+            "predictions",
+            {"kind": "predict_proba"},
+            "responsibilities",
+            X.shape[0],
+        )
+    return _write_per_row(
+        args, lambda: gm.predict(X), "predictions", {"kind": "predict"}, "labels", X.shape[0]
+    )
+
+
+def cmd_impute(args: argparse.Namespace) -> int:
+    gm, X = _model_and_data(args)
+    return _write_per_row(
+        args,
+        lambda: gm.impute(X),
+        "data",
+        {"kind": "impute"},
+        "rows with missing values imputed",
+        X.shape[0],
+    )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -872,6 +909,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard the checkpoint of --checkpoint-dir and start over",
     )
     p.add_argument(
+        "--missing",
+        choices=["em"],
+        help="treat NaN as missing values: EM on each row's observed values (default: refuse NaN)",
+    )
+    p.add_argument(
         "--no-lock",
         action="store_true",
         help="checkpoint on an object store without conditional writes: no one-fit lock",
@@ -956,6 +998,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "impute", help="write a Zarr array with NaN replaced by conditional means under a model"
+    )
+    p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
+    _add_data_options(p)
+    p.add_argument(
+        "--output", required=True, metavar="OUT.zarr", help="where to write the imputed data"
+    )
+    _add_quiet_option(p)
+    _add_storage_option(p)
+    _add_cluster_options(p)
+    p.set_defaults(func=cmd_impute)
 
     p = sub.add_parser("score", help="JSON: mean log-likelihood, bic, aic, n_samples")
     p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")

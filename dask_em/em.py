@@ -141,9 +141,14 @@ def _advance(
     )
 
 
-def e_step_pass(params: GMMParams) -> Pass:
-    """The pass request of an E-step: `dask_em.kernels.em_chunk` at ``params``."""
-    return Pass(kernels.em_chunk, (params,))
+EStepChunk = Callable[..., SuffStats]
+"""A chunk function of the E-step, ``fn(X, sample_weight, chunk_index, row_start, params)``:
+`dask_em.kernels.em_chunk`, or `dask_em.kernels_missing.em_chunk_missing` for data with NaN."""
+
+
+def e_step_pass(params: GMMParams, e_step: EStepChunk = kernels.em_chunk) -> Pass:
+    """The pass request of an E-step: ``e_step`` (default `dask_em.kernels.em_chunk`) at ``params``."""
+    return Pass(e_step, (params,))
 
 
 def em_steps(
@@ -153,6 +158,7 @@ def em_steps(
     max_iter: int,
     reg_covar: float,
     callback: Callable[[Iteration], None] | None = None,
+    e_step: EStepChunk = kernels.em_chunk,
 ) -> Steps[EMResult]:
     """Plain EM from ``start`` until convergence or ``max_iter`` iterations in all.
 
@@ -172,6 +178,8 @@ def em_steps(
         Added to the diagonal of the covariances in the M-step.
     callback : callable, optional
         Called with an `Iteration` after every iteration.
+    e_step : callable, default `dask_em.kernels.em_chunk`
+        The E-step's chunk function (`EStepChunk`).
 
     Returns
     -------
@@ -180,7 +188,7 @@ def em_steps(
     result = start
     while not result.converged and result.n_iter < max_iter:
         began = time.perf_counter()
-        stats = yield e_step_pass(result.params)
+        stats = yield e_step_pass(result.params, e_step)
         result, change, event = _advance(stats, result, tol, reg_covar)
         if callback is not None:
             callback(Iteration(result, change, time.perf_counter() - began, reseed=event))
@@ -252,6 +260,7 @@ def squarem_steps(
     max_iter: int,
     reg_covar: float,
     callback: Callable[[Iteration], None] | None = None,
+    e_step: EStepChunk = kernels.em_chunk,
 ) -> Steps[EMResult]:
     """EM accelerated by SQUAREM, with the monotonicity safeguard. Same contract as `em_steps`.
 
@@ -288,7 +297,9 @@ def squarem_steps(
 
     while not done(result):
         began = time.perf_counter()
-        r1, change1, event = _advance((yield e_step_pass(result.params)), result, tol, reg_covar)
+        r1, change1, event = _advance(
+            (yield e_step_pass(result.params, e_step)), result, tol, reg_covar
+        )
         if event is not None:  # a re-seed ends the cycle: no extrapolation across it
             result = r1
             report(result, change1, began, True, event=event)
@@ -297,7 +308,7 @@ def squarem_steps(
         if done(r1):
             return r1
         began = time.perf_counter()
-        r2, change2, event = _advance((yield e_step_pass(r1.params)), r1, tol, reg_covar)
+        r2, change2, event = _advance((yield e_step_pass(r1.params, e_step)), r1, tol, reg_covar)
         if event is not None:
             result = r2
             report(result, change2, began, True, event=event)
@@ -316,7 +327,7 @@ def squarem_steps(
         began = time.perf_counter()
         from_candidate = replace(r2, params=candidate, converged=False)
         r3, change3, event = _advance(
-            (yield e_step_pass(candidate)), from_candidate, tol, reg_covar
+            (yield e_step_pass(candidate, e_step)), from_candidate, tol, reg_covar
         )
         if r3.lower_bound >= r2.lower_bound:
             # L(p') - L(p1) is the extrapolation's gain, not an EM step's change: a small
@@ -423,6 +434,7 @@ def fit_restarts(
     on_iteration: Callable[[int, Iteration], None] | None = None,
     on_state: Callable[[FitState], None] | None = None,
     acceleration: str | None = None,
+    e_step: EStepChunk = kernels.em_chunk,
 ) -> EMResult:
     """Run one EM per seed of ``state``, all advancing together; return the best run.
 
@@ -451,6 +463,8 @@ def fit_restarts(
         here).
     acceleration : {None, 'squarem'}
         A key of `STEPS`: plain EM (`em_steps`) or `squarem_steps`.
+    e_step : callable, default `dask_em.kernels.em_chunk`
+        The E-step's chunk function (`EStepChunk`).
 
     Returns
     -------
@@ -478,7 +492,7 @@ def fit_restarts(
                 runs[index], moved[0] = it.result, True
 
         finished = yield from steps(
-            run, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step
+            run, tol=tol, max_iter=max_iter, reg_covar=reg_covar, callback=step, e_step=e_step
         )
         return finished
 

@@ -52,6 +52,7 @@ PYTHON_WORDS: dict[str, str] = {
     "memory_limit": "memory_limit",
     "missing_drop": "missing='drop'",
     "missing_keep": "missing='keep'",
+    "missing": "missing='em'",
     "n_components": "n_components",
     "queue": "queue",
     "no_lock": "checkpoint_lock=False",

@@ -24,7 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from dask_em import __version__, kernels
+from dask_em import __version__, kernels, kernels_missing
 from dask_em.checkpoint import Checkpoint, content_hash, data_fingerprint
 from dask_em.em import ACCELERATIONS, EMResult, FitState, Iteration, fit_restarts
 from dask_em.errors import (
@@ -53,6 +53,12 @@ from dask_em.passes import Steps
 from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, check_chunk_memory, map_rows
 from dask_em.reseed import empty_weights
 from dask_em.stats import ZERO_WEIGHT_SUM
+
+MISSING: dict[str | None, Any] = {None: kernels, "em": kernels_missing}
+"""The kernel module of each ``missing``, whose ``*_block`` functions make the inference."""
+
+E_STEPS: dict[str | None, Any] = {None: kernels.em_chunk, "em": kernels_missing.em_chunk_missing}
+"""The E-step chunk function of each ``missing``."""
 
 RUN_SETTINGS = (
     "checkpoint_dir",
@@ -157,6 +163,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         Hold the checkpoint's one-fit-at-a-time lock. On an object store the lock needs
         conditional writes (S3 ``If-None-Match``); a store without them is refused
         unless ``checkpoint_lock=False`` (then run one fit at a time on it yourself).
+    missing : {None, 'em'}, default None
+        ``'em'``: NaN marks a missing value (missing at random). Rows contribute through
+        their observed values (`dask_em.kernels_missing`: exact EM on the observed-data
+        likelihood); the start is drawn from the complete rows (`dask_em.init`);
+        ``score_samples``, ``predict*``, ``score``, ``bic`` and ``aic`` use each row's
+        observed values (marginal likelihood) and `impute` fills NaN with conditional
+        means. On data without NaN the fit equals ``missing=None``'s exactly. ``None``:
+        NaN is refused. A row with every value missing is refused in ``fit`` unless its
+        sample weight is 0.
 
     Attributes
     ----------
@@ -216,6 +231,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         chunk_rows: int | None = None,
         storage_options: dict[str, Any] | None = None,
         checkpoint_lock: bool = True,
+        missing: str | None = None,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -238,6 +254,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.chunk_rows = chunk_rows
         self.storage_options = storage_options
         self.checkpoint_lock = checkpoint_lock
+        self.missing = missing
 
     # ------------------------------------------------------------------ checks
     def _check_hyper_parameters(self) -> None:
@@ -273,6 +290,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if not is_int(self.verbose_interval) or self.verbose_interval < 1:
             raise bad("verbose_interval", "use an integer >= 1")
         check_chunk_rows(self.chunk_rows)
+        if self.missing not in MISSING:
+            raise bad("missing", "use None or 'em'")
 
     def _as_dask(self, X: Any, *, reset: bool) -> da.Array:
         """Validate any accepted input and return it as a row-chunked float Dask array.
@@ -290,12 +309,14 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 X = X.astype(np.float64)
             self._check_n_features(X.shape[1], reset=reset)
             return row_chunked(X, self.chunk_rows)
-        return row_chunked(self._validate_in_memory(X, reset=reset), self.chunk_rows)
+        finite: bool | str = True if self.missing is None else "allow-nan"
+        return row_chunked(self._validate_in_memory(X, reset=reset, finite=finite), self.chunk_rows)
 
-    def _validate_in_memory(self, X: Any, *, reset: bool, finite: bool = True) -> np.ndarray:
+    def _validate_in_memory(self, X: Any, *, reset: bool, finite: bool | str = True) -> np.ndarray:
         """In-memory input as a float NumPy array (scikit-learn's checks and messages).
 
-        ``finite=False`` lets NaN/inf through, for the kernels to refuse naming the row.
+        ``finite=False`` lets NaN/inf through, for the kernels to refuse naming the row;
+        ``'allow-nan'`` lets NaN through (``missing='em'``).
 
         An array of another array-API library is converted with ``numpy.from_dlpack``
         (CPU arrays); the checks then run without array-API dispatch, whose namespace
@@ -482,6 +503,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 self.init_params,
                 seed,
                 *inits,
+                complete_rows=self.missing is not None,
             )
 
         def save(fit_state: FitState) -> None:
@@ -499,6 +521,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             on_iteration=self._on_iteration,
             on_state=save,
             acceleration=self.acceleration,
+            e_step=E_STEPS[self.missing],
         )
         return best, int(passes_before + data.n_passes)
 
@@ -520,6 +543,8 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             "means_init": None if inits[1] is None else content_hash(inits[1])[:16],
             "precisions_init": None if inits[2] is None else content_hash(inits[2])[:16],
         }
+        if self.missing is not None:  # absent for None: checkpoints of earlier versions resume
+            hyper["missing"] = self.missing
         fingerprint = {
             "data": data_fingerprint(data.X, data.sample_weight, data.row_starts),
             "hyper_parameters": hyper,
@@ -579,6 +604,16 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         )
 
     # -------------------------------------------------------------- inference
+    @property
+    def _kernels(self) -> Any:
+        """The module of the inference block functions for ``missing``."""
+        return MISSING[self.missing]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = self.missing is not None
+        return tags
+
     def _evaluate(self, X: Any, block_fn: Any, dtype: Any, n_cols: int | None = None) -> Any:
         """``block_fn`` over the rows of ``X``, its output as ``dtype`` (None: the dtype of
         the validated input, float32 or float64), for NumPy and Dask alike."""
@@ -594,14 +629,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def score_samples(self, X: Any) -> Any:
         """Log-likelihood ``log p(x)`` of each row: shape (n_samples,), lazy for Dask/Zarr input.
 
+        With ``missing='em'``, ``log p(x_o)`` of each row's observed values (0 for a row
+        with every value missing).
+
         Always float64, as the log-likelihood is accumulated (scikit-learn returns
         float32 for float32 input).
         """
-        return self._evaluate(X, kernels.score_samples_block, np.float64)
+        return self._evaluate(X, self._kernels.score_samples_block, np.float64)
 
     def predict(self, X: Any) -> Any:
         """Most probable component of each row: shape (n_samples,) (lazy for Dask/Zarr input)."""
-        return self._evaluate(X, kernels.predict_block, np.int64)
+        return self._evaluate(X, self._kernels.predict_block, np.int64)
 
     def predict_proba(self, X: Any) -> Any:
         """Responsibilities: shape (n_samples, K), lazy for Dask/Zarr input.
@@ -609,7 +647,24 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         In the input's dtype: float32 for float32 input (computed in float32, as
         scikit-learn does), float64 otherwise.
         """
-        return self._evaluate(X, kernels.predict_proba_block, None, self.n_components)
+        return self._evaluate(X, self._kernels.predict_proba_block, None, self.n_components)
+
+    def impute(self, X: Any) -> Any:
+        """Conditional-mean imputation: each NaN replaced by ``E[x_m | x_o]`` under the
+        fitted mixture (`dask_em.kernels_missing.impute_block`).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, D)
+            NaN marks a missing value; observed values are returned unchanged.
+
+        Returns
+        -------
+        ndarray or dask.array.Array of shape (n_samples, D)
+            In the input's dtype, without NaN; lazy for Dask/Zarr input. A row with
+            every value missing gets the mixture's mean.
+        """
+        return self._evaluate(X, kernels_missing.impute_block, None, self.n_features_in_)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean log-likelihood per row (computed, also for Dask/Zarr input)."""

@@ -28,6 +28,15 @@ normalized to sum to one (scikit-learn leaves them at ``1/n`` each for
 ``'k-means++'``/``'random_from_data'``, which only shifts the first lower bound).
 User-given ``weights_init``, ``means_init`` and ``precisions_init`` replace what the
 method found, as in scikit-learn; when all three are given no pass is made.
+
+With ``complete_rows=True`` (``GaussianMixture(missing='em')``) a start is made from the
+rows without NaN only: every pass runs through `dask_em.init_kernels.on_complete_rows`
+(rows with NaN weigh 0, and so are never sampled as seeds), and a row read by index
+(the first k-means‖ center, the shift of ``'random'``, the rows of
+``'random_from_data'``) that holds NaN is replaced by rows sampled uniformly among the
+complete ones, at the cost of one more pass (`_complete`). On data without NaN this is
+exactly the plain start. With no complete row at all, `DataError` asks for the three
+``*_init`` arrays.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dask_em import init_kernels, kernels
-from dask_em.errors import invalid_parameter
+from dask_em.errors import DataError, invalid_parameter
 from dask_em.params import GMMParams, covariance_kind, covariance_shape
 from dask_em.passes import Pass, Rows, Steps
 from dask_em.stats import SuffStats, m_step
@@ -93,6 +102,38 @@ def _at_points(points: np.ndarray, covariance_type: str, reg_covar: float) -> GM
 def _sq_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
     """Squared distances of every point to every center: shape (len(centers), len(points))."""
     return np.sum((centers[:, None, :] - points[None, :, :]) ** 2, axis=2)
+
+
+def _pass(complete_rows: bool, chunk_fn: Callable[..., object], *args: object) -> Pass:
+    """The pass of ``chunk_fn``, on the complete rows only when ``complete_rows``."""
+    if complete_rows:
+        return Pass(init_kernels.on_complete_rows, (chunk_fn, *args))
+    return Pass(chunk_fn, args)
+
+
+def _no_complete_row() -> DataError:
+    return DataError(
+        "no row of the data is complete (every row holds NaN), so no start can be drawn "
+        "from the data: give weights_init, means_init and precisions_init."
+    )
+
+
+def _complete(
+    index: np.ndarray, n_features: int, seed: int, complete_rows: bool
+) -> Steps[np.ndarray]:
+    """The rows at ``index``; with ``complete_rows``, if one of them holds NaN, as many
+    rows drawn uniformly (without replacement, by ``seed``) among the complete rows, the
+    last repeated when there are fewer (one more pass)."""
+    rows = yield Rows(index)
+    if not complete_rows or not np.isnan(rows).any():
+        return rows
+    empty = np.empty((0, n_features))
+    sample = yield _pass(True, init_kernels.sample_by_distance_chunk, empty, len(index), seed, 99)
+    if sample.rows.shape[0] == 0:
+        raise _no_complete_row()
+    order = np.argsort(sample.index, kind="stable")
+    picked = sample.rows[order]
+    return np.vstack([picked, np.repeat(picked[-1:], len(index) - len(picked), axis=0)])
 
 
 def greedy_kmeans_plusplus(
@@ -203,25 +244,36 @@ def _weighted_kmeans(
 
 
 def init_kmeans(
-    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+    shape: tuple[int, int],
+    n_components: int,
+    covariance_type: str,
+    reg_covar: float,
+    seed: int,
+    complete_rows: bool = False,
 ) -> Steps[GMMParams]:
     """k-means‖ seeding, k-means on the candidates in memory, then Lloyd passes until the
     inertia settles; parameters of the final hard assignment."""
-    n_samples, _ = shape
+    n_samples, n_features = shape
     rng = kernels.chunk_rng(seed, 0)
-    centers = yield Rows(rng.integers(n_samples, size=1))
+    centers = yield from _complete(rng.integers(n_samples, size=1), n_features, seed, complete_rows)
     for round_ in range(KMEANS_ROUNDS):
-        sample = yield Pass(
+        sample = yield _pass(
+            complete_rows,
             init_kernels.sample_by_distance_chunk,
-            (centers, OVERSAMPLING * n_components, seed, round_),
+            centers,
+            OVERSAMPLING * n_components,
+            seed,
+            round_,
         )
         centers = np.vstack([centers, sample.rows])
-    counts = yield Pass(init_kernels.closest_count_chunk, (centers,))
+    counts = yield _pass(complete_rows, init_kernels.closest_count_chunk, centers)
     centers = _weighted_kmeans(centers, counts, n_components, rng)
     inertia = np.inf
     for _ in range(LLOYD_MAX_PASSES):
         shift = centers
-        stats: SuffStats = yield Pass(init_kernels.hard_assign_chunk, (shift, covariance_type))
+        stats: SuffStats = yield _pass(
+            complete_rows, init_kernels.hard_assign_chunk, shift, covariance_type
+        )
         filled = stats.n[:, None] > 0
         centers = shift + np.where(filled, stats.s1 / np.where(filled, stats.n[:, None], 1.0), 0.0)
         previous, inertia = inertia, -stats.loglik
@@ -231,12 +283,21 @@ def init_kmeans(
 
 
 def init_kmeans_plusplus(
-    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+    shape: tuple[int, int],
+    n_components: int,
+    covariance_type: str,
+    reg_covar: float,
+    seed: int,
+    complete_rows: bool = False,
 ) -> Steps[GMMParams]:
     """k-means++ seeds (first one by sample weight, then by squared distance)."""
     seeds = np.empty((0, shape[1]))
     for k in range(n_components):
-        sample = yield Pass(init_kernels.sample_by_distance_chunk, (seeds, 1, seed, 100 + k))
+        sample = yield _pass(
+            complete_rows, init_kernels.sample_by_distance_chunk, seeds, 1, seed, 100 + k
+        )
+        if sample.rows.shape[0] == 0 and seeds.shape[0] == 0:
+            raise _no_complete_row()
         if sample.rows.shape[0] == 0:  # every row already is a seed: repeat the last one
             seeds = np.vstack([seeds, seeds[-1:]])
         else:
@@ -245,24 +306,38 @@ def init_kmeans_plusplus(
 
 
 def init_random(
-    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+    shape: tuple[int, int],
+    n_components: int,
+    covariance_type: str,
+    reg_covar: float,
+    seed: int,
+    complete_rows: bool = False,
 ) -> Steps[GMMParams]:
     """Uniformly random responsibilities, normalized per row (one pass)."""
-    shift = np.repeat((yield Rows(np.array([0]))), n_components, axis=0)
-    stats = yield Pass(init_kernels.random_resp_chunk, (seed, n_components, shift, covariance_type))
+    first = yield from _complete(np.array([0]), shape[1], seed, complete_rows)
+    shift = np.repeat(first, n_components, axis=0)
+    stats = yield _pass(
+        complete_rows, init_kernels.random_resp_chunk, seed, n_components, shift, covariance_type
+    )
     return m_step(stats, shift, reg_covar, covariance_type)
 
 
 def init_random_from_data(
-    shape: tuple[int, int], n_components: int, covariance_type: str, reg_covar: float, seed: int
+    shape: tuple[int, int],
+    n_components: int,
+    covariance_type: str,
+    reg_covar: float,
+    seed: int,
+    complete_rows: bool = False,
 ) -> Steps[GMMParams]:
     """Means at ``K`` distinct random rows (no pass: only those rows are read)."""
     rng = kernels.chunk_rng(seed, 0)
     index = rng.choice(shape[0], size=n_components, replace=False)
-    return _at_points((yield Rows(index)), covariance_type, reg_covar)
+    points = yield from _complete(index, shape[1], seed, complete_rows)
+    return _at_points(points, covariance_type, reg_covar)
 
 
-INITIALIZERS: dict[str, Callable[[tuple[int, int], int, str, float, int], Steps[GMMParams]]] = {
+INITIALIZERS: dict[str, Callable[..., Steps[GMMParams]]] = {
     "kmeans": init_kmeans,
     "k-means++": init_kmeans_plusplus,
     "random": init_random,
@@ -280,6 +355,7 @@ def initialize(
     weights_init: np.ndarray | None = None,
     means_init: np.ndarray | None = None,
     precisions_init: np.ndarray | None = None,
+    complete_rows: bool = False,
 ) -> Steps[GMMParams]:
     """Initial parameters: the method's, with user-given arrays taking precedence.
 
@@ -300,6 +376,8 @@ def initialize(
     means_init : ndarray of shape (K, D), optional
     precisions_init : ndarray, shape from `dask_em.params.covariance_shape`, optional
         Validated beforehand (`dask_em.params.check_init_arrays`).
+    complete_rows : bool, default False
+        Start from the rows without NaN only (module docstring).
 
     Returns
     -------
@@ -311,7 +389,7 @@ def initialize(
     if init_params not in INITIALIZERS:
         raise invalid_parameter("init_params", init_params, f"use one of {', '.join(INITIALIZERS)}")
     found = yield from INITIALIZERS[init_params](
-        shape, n_components, covariance_type, reg_covar, seed
+        shape, n_components, covariance_type, reg_covar, seed, complete_rows
     )
     weights = found.weights if weights_init is None else weights_init
     means = found.means if means_init is None else means_init

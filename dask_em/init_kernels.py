@@ -4,14 +4,17 @@ Chunk functions with the signature of `dask_em.kernels` (``fn(X, sample_weight,
 chunk_index, row_start, *args) -> additive value``) for the passes that make a start:
 random responsibilities, hard assignment to centers (a Lloyd step), sampling rows by
 squared distance (k-means‖ / k-means++) and counting the rows closest to each
-candidate; plus `min_sq_distances`, which the in-memory steps of `dask_em.init` reuse.
+candidate; plus `min_sq_distances`, which the in-memory steps of `dask_em.init` reuse,
+and `on_complete_rows`, which runs any of them on the rows without NaN only.
 Every random draw comes from `dask_em.kernels.chunk_rng` seeded by the seed, the
 purpose and the chunk index, never by worker or time. Nothing here imports Dask.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -212,3 +215,26 @@ def closest_count_chunk(
     _, label = min_sq_distances(X, centers)
     w = None if sample_weight is None else sample_weight.astype(np.float64)
     return np.bincount(label, weights=w, minlength=centers.shape[0]).astype(np.float64)
+
+
+def on_complete_rows(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    chunk_index: int,
+    row_start: int,
+    chunk_fn: Callable[..., Any],
+    *args: Any,
+) -> Any:
+    """``chunk_fn`` on the rows without NaN: the others get sample weight 0.
+
+    Rows keep their places (NaN read as 0, weight 0), so row indices and every random
+    draw seeded by ``(seed, chunk index)`` are those of ``chunk_fn`` on the whole chunk;
+    a chunk without NaN gives exactly ``chunk_fn``'s result. Infinite values are still
+    refused by ``chunk_fn``.
+    """
+    has_nan = np.isnan(X).any(axis=1)
+    if not has_nan.any():
+        return chunk_fn(X, sample_weight, chunk_index, row_start, *args)
+    weight = np.ones(X.shape[0]) if sample_weight is None else sample_weight.astype(np.float64)
+    weight[has_nan] = 0.0
+    return chunk_fn(np.where(np.isnan(X), 0, X), weight, chunk_index, row_start, *args)

@@ -438,7 +438,7 @@ def _check_finite(X: np.ndarray, values: np.ndarray, chunk_index: int, row_start
         raise DataError(
             f"chunk {chunk_index} contains {bad_rows.size} row(s) with NaN or infinite "
             f"values, the first at row {row_start + int(bad_rows[0])}; clean or drop those "
-            "rows before fitting."
+            "rows before fitting, or fit with {missing} if NaN marks missing values."
         )
     raise DataError(
         f"non-finite log-likelihood in chunk {chunk_index}: the data are too far from every "

@@ -325,7 +325,9 @@ def em_chunk_missing(
         With ``loglik = sum_i w_i log p(x_i,o)`` (the observed-data log-likelihood) and
         ``worst`` the row of lowest ``log p(x_i,o)`` among those of positive weight;
         for a row with NaN, ``worst.row`` is its conditional-mean imputation
-        (`impute_block`), so that a component re-seeded there gets a finite mean.
+        (`impute_block`), so that a component re-seeded there gets a finite mean, and
+        ``worst.observed`` its observed coordinates (`dask_em.reseed` compares
+        marginal densities on them).
 
     Raises
     ------
@@ -403,20 +405,23 @@ def _missing_stats(
         at = worst[1]
         weight = 1.0 if sample_weight is None else float(sample_weight[at])
         row = impute_block(X[at : at + 1], params)[0].astype(np.float64)
-        worst_fit = WorstFit(worst[0], int(index[at]), row, weight)
+        worst_fit = WorstFit(worst[0], int(index[at]), row, weight, ~np.isnan(X[at]))
     return SuffStats(nk, s1, s2, loglik, weight_sum, X.shape[0], worst_fit)
 
 
-def _log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndarray]:
+def _log_prob_resp(
+    X: np.ndarray, params: GMMParams, chunk_index: int, row_start: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``log p(x_i,o)`` (n,) and ``log p(k | x_i,o)`` (n, K) of rows that may hold NaN.
 
     Rows without NaN go through `dask_em.kernels.log_prob_resp` (all of them at once when
-    none holds NaN, giving exactly its result); outputs are float64 otherwise.
+    none holds NaN, giving exactly its result); outputs are float64 otherwise. An
+    infinite value raises DataError naming its global row (``row_start`` is that of ``X[0]``).
     """
     has_nan = np.isnan(X).any(axis=1)
     if not has_nan.any():
-        return kernels.log_prob_resp(X, params)
-    _check_infinite(X, 0)
+        return kernels._checked_log_prob_resp(X, params, chunk_index, row_start)
+    _check_infinite(X, row_start)
     norm = np.empty(X.shape[0])
     log_resp = np.empty((X.shape[0], params.n_components))
     complete = np.flatnonzero(~has_nan)
@@ -432,28 +437,40 @@ def _log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.nda
     return norm, log_resp
 
 
-def score_samples_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
+def score_samples_block(
+    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+) -> np.ndarray:
     """``log p(x_i,o)``, the marginal log-density of each row's observed values: shape (n,).
+
+    The signature of `dask_em.kernels.score_samples_block` (``row_start``: global index
+    of ``X[0]``, for `dask_em.reduce.map_rows`).
 
     Raises
     ------
     DataError
-        On infinite values (the row is named by its position in ``X``).
+        On infinite values (the message names the global row).
     """
-    return _log_prob_resp(X, params)[0]
+    return _log_prob_resp(X, params, chunk_index, row_start)[0]
 
 
-def predict_proba_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
+def predict_proba_block(
+    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+) -> np.ndarray:
     """Responsibilities ``p(k | x_i,o)`` given each row's observed values: shape (n, K)."""
-    return np.exp(_log_prob_resp(X, params)[1])
+    return np.exp(_log_prob_resp(X, params, chunk_index, row_start)[1])
 
 
-def predict_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
+def predict_block(
+    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+) -> np.ndarray:
     """Most probable component given each row's observed values: shape (n,), int64."""
-    return np.argmax(_log_prob_resp(X, params)[1], axis=1).astype(np.int64)
+    log_resp = _log_prob_resp(X, params, chunk_index, row_start)[1]
+    return np.argmax(log_resp, axis=1).astype(np.int64)
 
 
-def impute_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
+def impute_block(
+    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+) -> np.ndarray:
     """Conditional-mean imputation under the mixture: NaN replaced by ``E[x_m | x_o]``.
 
     ``E[x_m | x_o] = sum_k p(k | x_o) xhat_ik,m`` (module docstring); observed values are
@@ -464,6 +481,9 @@ def impute_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
     X : ndarray of shape (n, D)
         NaN marks a missing value.
     params : GMMParams
+    chunk_index : int
+    row_start : int
+        Global index of ``X[0]`` (names a bad row).
 
     Returns
     -------
@@ -472,13 +492,13 @@ def impute_block(X: np.ndarray, params: GMMParams) -> np.ndarray:
     Raises
     ------
     DataError
-        On infinite values (the row is named by its position in ``X``).
+        On infinite values (the message names the global row).
     """
     out = X.copy()
+    _check_infinite(X, row_start)
     incomplete = np.flatnonzero(np.isnan(X).any(axis=1))
     if incomplete.size == 0:
         return out
-    _check_infinite(X, 0)
     for block in _missing_blocks(X[incomplete], params):
         _, resp = _normalize(block.log_prob)
         expected = np.einsum("bk,bkd->bd", resp, block.delta + params.means[None])

@@ -18,6 +18,12 @@ pass, so re-seeding costs no extra pass). The strategy is deterministic:
   ``w_new N(x | x, S_new)``, must exceed ``p(x)`` in the E-step. Otherwise (e.g. more
   components than distinct points) nothing changes and the component stays empty,
   which is how scikit-learn leaves it.
+- a worst row with missing values (``missing='em'``, `dask_em.kernels_missing`) has
+  its marginal ``p(x_o)`` as log-likelihood and its conditional-mean imputation as
+  ``x``; the test then compares like with like, the new component's marginal density
+  on the observed coordinates, ``w_new N(x_o | x_o, S_new,oo)``, with ``p(x_o)``
+  (comparing a full ``D``-dimensional density with a marginal one would favour or
+  refuse the re-seed for the number of missing values, not for the fit).
 
 The lower bound never decreases under EM except across a re-seed, which the iteration
 reports (`Reseed`). No Dask here.
@@ -104,6 +110,17 @@ def _average_covariance(params: GMMParams, live: np.ndarray) -> np.ndarray:
     return np.tensordot(w, params.covariances[live], axes=1)
 
 
+def _observed_log_det(params: GMMParams, k: int, observed: np.ndarray) -> float:
+    """``log det S_k,oo``: of component ``k``'s covariance on the ``observed`` coordinates."""
+    cov = params.covariances
+    if params.covariance_type == "diag":
+        return float(np.sum(np.log(cov[k][observed])))
+    if params.covariance_type == "spherical":
+        return float(np.count_nonzero(observed) * np.log(cov[k]))
+    matrix = cov[k] if params.covariance_type == "full" else cov
+    return float(np.linalg.slogdet(matrix[np.ix_(observed, observed)])[1])
+
+
 def reseed(params: GMMParams, stats: SuffStats) -> tuple[GMMParams, Reseed] | None:
     """Re-seed the first empty component of ``params`` at the worst-fitted row (module doc).
 
@@ -138,7 +155,12 @@ def reseed(params: GMMParams, stats: SuffStats) -> tuple[GMMParams, Reseed] | No
     new = GMMParams.from_covariances(weights, means, covariances, params.covariance_type)
     log_det = log_det_cholesky(new.precisions_cholesky, new.covariance_type, new.n_features)
     log_det_k = float(log_det if np.ndim(log_det) == 0 else log_det[k])  # type: ignore[index]
-    own_density = np.log(weights[k]) - 0.5 * new.n_features * LOG_2PI + log_det_k
+    if worst.observed is None or worst.observed.all():
+        own_density = np.log(weights[k]) - 0.5 * new.n_features * LOG_2PI + log_det_k
+    else:
+        n_observed = int(np.count_nonzero(worst.observed))
+        log_det_oo = _observed_log_det(new, k, worst.observed)
+        own_density = np.log(weights[k]) - 0.5 * (n_observed * LOG_2PI + log_det_oo)
     if not own_density > worst.loglik:
         return None
     return new, Reseed(k, worst.index, worst.loglik, float(stats.n[k]))

@@ -47,12 +47,17 @@ class WorstFit:
     row : ndarray of shape (D,), float64
     weight : float
         Its sample weight (1 without weights).
+    observed : ndarray of shape (D,), bool, or None
+        For a row with missing values (`dask_em.kernels_missing`): which coordinates
+        were observed, ``loglik`` being the marginal ``log p(x_o)`` and ``row`` the
+        conditional-mean imputation. None for a complete row.
     """
 
     loglik: float
     index: int
     row: np.ndarray
     weight: float
+    observed: np.ndarray | None = None
 
     def __add__(self, other: WorstFit) -> WorstFit:
         if not isinstance(other, WorstFit):
