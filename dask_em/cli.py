@@ -103,6 +103,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+def _memory_size(text: str) -> str:
+    """An argparse type: a positive memory size such as ``2GiB`` (Dask's ``parse_bytes``)."""
+    from dask.utils import parse_bytes
+
+    try:
+        size = parse_bytes(text)
+    except (ValueError, TypeError):
+        size = None
+    if size is None or size <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive memory size such as 2GiB, got {text!r}"
+        )
+    return text
+
+
 def _bounded(convert: Callable[[str], Any], minimum: float, what: str) -> Callable[[str], Any]:
     """An argparse type: ``convert(text)``, finite and at least ``minimum``."""
 
@@ -140,7 +155,10 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
         help="local cluster: threads per worker",
     )
     g.add_argument(
-        "--memory-limit", metavar="SIZE", help="local cluster: memory limit per worker, e.g. 2GiB"
+        "--memory-limit",
+        type=_memory_size,
+        metavar="SIZE",
+        help="local cluster: memory limit per worker, e.g. 2GiB",
     )
     g.add_argument(
         "--tls-ca-file",

@@ -366,7 +366,14 @@ def connect(
         )
     if scheduler is not None or scheduler_file is not None:
         where = scheduler if scheduler is not None else os.fspath(scheduler_file)  # type: ignore[arg-type]
-        _check_protocol(_scheduler_address(scheduler, scheduler_file), where, security)
+        address = _scheduler_address(scheduler, scheduler_file)
+        if address is None:
+            raise ClusterError(
+                f"{where!r} is not a Dask scheduler file (no 'address' in its JSON); pass the "
+                "scheduler file that a running 'dask scheduler' wrote.",
+                parameter="scheduler_file",
+            )
+        _check_protocol(address, where, security)
         try:
             client = Client(
                 address=scheduler,

@@ -21,7 +21,15 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from cli_helpers import LOCAL, assert_ok, assert_usage_error, mixture, run_many, snapshot
+from cli_helpers import (
+    LOCAL,
+    assert_ok,
+    assert_usage_error,
+    mixture,
+    run_many,
+    snapshot,
+    write_array,
+)
 
 from dask_em import GaussianMixture, load_model
 from dask_em import io as io_module
@@ -592,3 +600,29 @@ def test_writes_failing_on_a_full_disk_raise_one_line_and_leave_nothing(
             ckpt.save(state, 2)
         assert ckpt.load().n_passes == 1  # the committed state is intact
     assert sorted(p.name for p in (full / "ck").iterdir()) == ["manifest.json", "state-000001"]
+
+
+def test_a_negative_memory_limit_and_a_json_file_that_is_no_scheduler_file_exit_2(
+    tmp_path: Path,
+) -> None:
+    """Issue 16, case 8: ``--memory-limit=-5GB`` and a ``--scheduler-file`` holding JSON
+    without an address were internal errors (exit 1, a traceback); each is now one line,
+    exit 2, and no model is written."""
+    data = write_array(tmp_path / "d.zarr", mixture(500, 2, 2, seed=0), (250, 2))
+    not_a_scheduler_file = tmp_path / "s.json"
+    not_a_scheduler_file.write_text('{"a": 1}')
+    fit = ["fit", data, "--n-components", "2", "--quiet", "--output"]
+    results = run_many(
+        {
+            "memory": [*fit, tmp_path / "m1.zarr", "--memory-limit=-5GB"],
+            "scheduler file": [
+                *fit,
+                tmp_path / "m2.zarr",
+                "--scheduler-file",
+                not_a_scheduler_file,
+            ],
+        }
+    )
+    assert_usage_error(results["memory"], "--memory-limit", "positive memory size")
+    assert_usage_error(results["scheduler file"], "not a Dask scheduler file", "s.json")
+    assert not (tmp_path / "m1.zarr").exists() and not (tmp_path / "m2.zarr").exists()
