@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -1177,6 +1178,16 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"dask-em {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (e.g. `| head`): no more output can reach it, and
+        # the interpreter must not fail again flushing stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(
+            f"dask-em {args.command}: error: standard output was closed before the result "
+            "was written; read the whole output",
+            file=sys.stderr,
+        )
+        return 2
     except Exception:
         traceback.print_exc()
         print(

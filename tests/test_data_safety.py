@@ -25,6 +25,7 @@ from cli_helpers import (
     LOCAL,
     assert_ok,
     assert_usage_error,
+    dask_em_command,
     mixture,
     run_many,
     snapshot,
@@ -626,3 +627,26 @@ def test_a_negative_memory_limit_and_a_json_file_that_is_no_scheduler_file_exit_
     assert_usage_error(results["memory"], "--memory-limit", "positive memory size")
     assert_usage_error(results["scheduler file"], "not a Dask scheduler file", "s.json")
     assert not (tmp_path / "m1.zarr").exists() and not (tmp_path / "m2.zarr").exists()
+
+
+def test_a_reader_closing_the_output_pipe_gets_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Issue 16, case 8: ``dask-em info MODEL | head -c0`` — stdout is a pipe whose reader
+    is gone before anything is written: one line on stderr, exit 2, no traceback."""
+    model = tmp_path / "m.zarr"
+    GaussianMixture(2, random_state=0).fit(mixture(300, 2, 2, seed=0)).save(model)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone: every write to the pipe fails with EPIPE
+    try:
+        result = subprocess.run(
+            [*dask_em_command(), "info", str(model)],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "standard output was closed" in lines[0], result.stderr
