@@ -50,6 +50,7 @@ from dask_em.em import EMResult, FitState
 from dask_em.errors import CheckpointError
 from dask_em.io import destination_problem
 from dask_em.params import PARAM_ARRAYS, GMMParams
+from dask_em.staging import process_alive
 from dask_em.store import Location
 
 FORMAT = "dask-em-checkpoint"
@@ -984,7 +985,7 @@ def _object_lock(place: Location, use_lock: bool = True) -> Iterator[None]:
         shown = (
             f"pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
         )
-        if owner.get("host") == info["host"] and not _pid_alive(int(owner.get("pid", 0))):
+        if owner.get("host") == info["host"] and not process_alive(int(owner.get("pid", 0))):
             _log.warning("checkpoint %s: taking over a stale lock (%s)", place.location, shown)
             lock.remove()
             continue
@@ -1002,18 +1003,6 @@ def _object_lock(place: Location, use_lock: bool = True) -> Iterator[None]:
         owner = _object_lock_owner(lock)
         if owner is not None and owner.get("token") == info["token"]:
             lock.remove()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _checkpoint_objects(place: Location) -> list[str]:

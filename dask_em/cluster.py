@@ -401,7 +401,12 @@ def connect(
         silence_logs=logging.CRITICAL,
     )
     with cluster, Client(cluster, set_as_default=True) as client, killed_workers_reported():
-        client.register_plugin(_object_store_sessions())
+        try:
+            client.register_plugin(_object_store_sessions())
+        except OSError:
+            # Only quiets the workers' exit; a worker lost meanwhile (seen under heavy
+            # load with a small memory_limit) is reported by the computation itself.
+            pass
         if not quiet:
             workers = len(cluster.workers)
             print(

@@ -185,7 +185,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     lower_bounds_ : list of float
         Lower bound of every iteration of the best initialization.
     n_passes_ : int
-        Full passes over the data made by the last ``fit`` (initialization included).
+        Full passes over the data made by the last ``fit`` (initialization included). A
+        resumed fit counts the passes committed before the stop plus those since; with
+        several initializations, one cut short by the stop is redone, so its passes
+        count twice.
     n_features_in_ : int
 
     Warns
@@ -439,12 +442,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         # a fit refused for its checkpoint's lock has not persisted anything
         with checkpoint.lock(restart=restart) if checkpoint is not None else nullcontext():
             best, passes = self._run(data.persisted(self.cache), inits, checkpoint)
-        self._set_fitted(best.params)
-        self.converged_ = bool(best.converged)
-        self.n_iter_ = int(best.n_iter)
-        self.lower_bound_ = float(best.lower_bound)
-        self.lower_bounds_ = list(best.lower_bounds)
-        self.n_passes_ = passes
+        self._set_result(best, passes)
         if not self.converged_ and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
@@ -584,6 +582,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
         """Fit, then return the most probable component of each row (a final E-step)."""
         return self.fit(X, sample_weight=sample_weight).predict(X)
+
+    def _set_result(self, run: EMResult, n_passes: int) -> None:
+        """Take the parameters and the history of the EM ``run`` as this fit's."""
+        self._set_fitted(run.params)
+        self.converged_ = bool(run.converged)
+        self.n_iter_ = int(run.n_iter)
+        self.lower_bound_ = float(run.lower_bound)
+        self.lower_bounds_ = list(run.lower_bounds)
+        self.n_passes_ = int(n_passes)
 
     def _set_fitted(self, params: GMMParams) -> None:
         self.weights_ = np.array(params.weights)

@@ -45,10 +45,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +58,7 @@ import zarr
 
 from dask_em.errors import DataError, OutputError, ParameterError
 from dask_em.io import ARRAY_COMPRESSORS
+from dask_em.staging import beside, clean_leftovers
 from dask_em.store import Location, is_url, storage_error
 
 FORMAT_VERSION = 1
@@ -75,7 +74,6 @@ BATCH_ROWS = 65_536
 
 MISSING_POLICIES = ("error", "drop", "keep")
 DTYPES = ("float64", "float32")
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename)
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -405,37 +403,6 @@ def _check_record(out: Path, store: zarr.Array) -> dict[str, Any]:
     return record
 
 
-def _beside(out: Path, kind: str) -> Path:
-    return out.with_name(f".{out.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_leftovers(out: Path) -> None:
-    """Remove what killed ingests of ``out`` left beside it; put back a swapped-out store."""
-    pattern = re.compile(
-        rf"^\.{re.escape(out.name)}\.(ingest|old)-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{32}}$"
-    )
-    if not out.parent.is_dir():
-        return
-    for path in sorted(out.parent.iterdir()):
-        match = pattern.match(path.name)
-        if match is None or _alive(int(match.group(2))):
-            continue
-        if match.group(1) == "old" and not out.exists():
-            os.replace(path, out)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on the store directory ``out`` (one ingest at a time)."""
@@ -468,7 +435,7 @@ def _chunk_files(root: Path) -> dict[int, Path]:
 
 def _create(out: Path, names: list[str], dtype: np.dtype, chunk_rows: int) -> None:
     """Create an empty store (0 rows) at ``out``, atomically (built beside, renamed)."""
-    tmp = _beside(out, "ingest")
+    tmp = beside(out, "ingest")
     try:
         store = zarr.create_array(
             store=str(tmp),
@@ -511,7 +478,7 @@ class _Writer:
 
     def __init__(self, out: Path, start: int) -> None:
         self.out = out
-        self.staging = _beside(out, "ingest")
+        self.staging = beside(out, "ingest")
         self.staging.mkdir()
         shutil.copyfile(out / "zarr.json", self.staging / "zarr.json")
         committed = zarr.open_array(str(out), mode="r")
@@ -578,7 +545,7 @@ class _Writer:
                     shutil.copyfile(path, target / "0")
         fd = os.open(self.staging, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows this directory yet
-        old = _beside(self.out, "old")
+        old = beside(self.out, "old")
         os.replace(self.out, old)
         os.replace(self.staging, self.out)
         shutil.rmtree(old, ignore_errors=True)
@@ -708,7 +675,7 @@ def ingest(
         )
     units = _units(None if source is None else os.fspath(source), partition, storage_options)
     out = Path(out)
-    _clean_leftovers(out)
+    clean_leftovers(out, ("ingest", "old"))
     if out.exists() and not (out / "zarr.json").is_file():
         raise OutputError(
             f"{os.fspath(out)!r} exists and is not a store written by dask-em ingest; "

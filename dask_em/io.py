@@ -49,6 +49,7 @@ from dask_em.params import (
     covariance_shape,
     validate_params,
 )
+from dask_em.staging import beside, clean_leftovers, left_by_dead_writer, remove
 from dask_em.store import (
     WRITE_EVERY_CHUNK,
     Location,
@@ -473,19 +474,11 @@ def _publish(tmp: Path, dest: Path, kind: str, inputs: Sequence[str | os.PathLik
     check_output(dest, kind, inputs)
     old = None
     if dest.exists():
-        old = _beside(dest, "old")
+        old = beside(dest, "old")
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename)
-
-
-def _beside(dest: Path, kind: str) -> Path:
-    """A hidden path next to ``dest`` naming its writer: ``.NAME.KIND-HOST-PID-UUID``."""
-    return dest.with_name(f".{dest.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
 
 
 def write_failed(path: str | os.PathLike[str], err: OSError) -> OutputError:
@@ -511,7 +504,7 @@ def _published(
     writing or publishing (read-only or full file system) becomes an OutputError.
     """
     check_output(dest, kind, inputs)
-    tmp = _beside(dest, "tmp")
+    tmp = beside(dest, "tmp")
     try:
         _clean_leftovers(dest)
         yield tmp
@@ -586,40 +579,13 @@ def check_destination(
         raise OutputError(f"cannot write the output: {problem}; choose another output path.")
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def _clean_leftovers(dest: Path) -> list[str]:
     """Remove what killed writers of ``dest`` left beside it; return what was done.
 
-    Only leftovers of processes of this host that no longer run are touched (a writer
-    still running keeps its files): a half-written ``.NAME.tmp-…`` is deleted, and an
-    earlier output renamed aside (``.NAME.old-…``) while ``dest`` is missing is put back.
+    A half-written ``.NAME.tmp-…`` is deleted, and an earlier output renamed aside
+    (``.NAME.old-…``) while ``dest`` is missing is put back (`dask_em.staging`).
     """
-    pattern = re.compile(
-        rf"^\.{re.escape(dest.name)}\.(tmp|old)-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{32}}$"
-    )
-    done = []
-    if not dest.parent.is_dir():
-        return done
-    for path in sorted(dest.parent.iterdir()):
-        match = pattern.match(path.name)
-        if match is None or _process_alive(int(match.group(2))):
-            continue
-        if match.group(1) == "old" and not dest.exists() and output_kind(path) is not None:
-            os.replace(path, dest)
-            done.append(f"restored the earlier {dest.name} from {path.name}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            done.append(f"removed {path.name}, left by a killed writer")
-    return done
+    return clean_leftovers(dest, ("tmp", "old"), lambda p: output_kind(p) is not None)
 
 
 def store_array(
@@ -761,7 +727,7 @@ def _pointer(current: str, previous: str | None) -> bytes:
 
 def _write_pointer(root: Path, current: str, previous: str | None) -> None:
     """Replace the model group's metadata (the pointer to ``current``) atomically."""
-    tmp = root / f".zarr.json.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+    tmp = beside(root / "zarr.json", "tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(_pointer(current, previous))
@@ -798,14 +764,9 @@ def _remove_old_versions(root: Path, keep_from: int) -> None:
         except OSError:
             continue  # another writer removed it first
         shutil.rmtree(trash, ignore_errors=True)
-    pattern = re.compile(rf"^\.(v|zarr\.json)\.tmp-{re.escape(_HOST)}-(\d+)-[0-9a-f]{{32}}$")
     for p in root.iterdir():
-        match = pattern.match(p.name)
-        if p.name.startswith(".trash-") or (match and not _process_alive(int(match.group(2)))):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+        if p.name.startswith(".trash-") or left_by_dead_writer(p.name, ["v", "zarr.json"], ["tmp"]):
+            remove(p)
 
 
 def write_model(
@@ -870,7 +831,7 @@ def write_model(
     check_output(root, "model", inputs)
     sequence = max((n for n, _ in _versions(root)), default=0) + 1
     name = f"v-{sequence:08d}-{uuid.uuid4().hex}"
-    staging = root / f".v.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+    staging = beside(root / "v", "tmp")
     try:
         _write_version(staging, params, version_attrs)
         os.replace(staging, root / name)

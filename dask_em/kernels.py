@@ -552,25 +552,43 @@ def _checked_log_prob_resp(
     return norm, log_resp
 
 
-def score_samples_block(
-    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
-) -> np.ndarray:
-    """``log p(x_i)`` for each row: shape (n,). DataError on a NaN or infinite row
-    (``chunk_index`` and ``row_start``, the global index of ``X[0]``, name it)."""
-    return _checked_log_prob_resp(X, params, chunk_index, row_start)[0]
+LogProbResp = Callable[[np.ndarray, GMMParams, int, int], tuple[np.ndarray, np.ndarray]]
+"""``log_prob_resp(X, params, chunk_index, row_start) -> (norm, log_resp)``: each row's
+log-density, shape (n,), and log-responsibilities, shape (n, K); ``row_start`` is the
+global index of ``X[0]``, ``chunk_index`` that of the block (both name a bad row)."""
 
 
-def predict_proba_block(
-    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
-) -> np.ndarray:
-    """Responsibilities ``p(k | x_i)``: shape (n, K). DataError on a NaN or infinite row."""
-    return np.exp(_checked_log_prob_resp(X, params, chunk_index, row_start)[1])
+@dataclass(frozen=True)
+class BlockInference:
+    """The per-block inference functions over one `LogProbResp`, in the signature of
+    `dask_em.reduce.map_rows`: complete rows (`COMPLETE_ROWS`, this module's
+    ``score_samples_block`` ...) or rows with missing values
+    (`dask_em.kernels_missing`)."""
+
+    log_prob_resp: LogProbResp
+
+    def score_samples_block(
+        self, X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+    ) -> np.ndarray:
+        """``log p(x_i)`` for each row: shape (n,)."""
+        return self.log_prob_resp(X, params, chunk_index, row_start)[0]
+
+    def predict_proba_block(
+        self, X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+    ) -> np.ndarray:
+        """Responsibilities ``p(k | x_i)``: shape (n, K)."""
+        return np.exp(self.log_prob_resp(X, params, chunk_index, row_start)[1])
+
+    def predict_block(
+        self, X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
+    ) -> np.ndarray:
+        """Most probable component of each row: shape (n,), int64."""
+        log_resp = self.log_prob_resp(X, params, chunk_index, row_start)[1]
+        return np.argmax(log_resp, axis=1).astype(np.int64)
 
 
-def predict_block(
-    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
-) -> np.ndarray:
-    """Most probable component of each row: shape (n,), int64. DataError on a NaN or
-    infinite row."""
-    log_resp = _checked_log_prob_resp(X, params, chunk_index, row_start)[1]
-    return np.argmax(log_resp, axis=1).astype(np.int64)
+COMPLETE_ROWS = BlockInference(_checked_log_prob_resp)
+"""Inference on rows that must be all finite (DataError naming the first that is not)."""
+score_samples_block = COMPLETE_ROWS.score_samples_block
+predict_proba_block = COMPLETE_ROWS.predict_proba_block
+predict_block = COMPLETE_ROWS.predict_block

@@ -437,35 +437,13 @@ def _log_prob_resp(
     return norm, log_resp
 
 
-def score_samples_block(
-    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
-) -> np.ndarray:
-    """``log p(x_i,o)``, the marginal log-density of each row's observed values: shape (n,).
-
-    The signature of `dask_em.kernels.score_samples_block` (``row_start``: global index
-    of ``X[0]``, for `dask_em.reduce.map_rows`).
-
-    Raises
-    ------
-    DataError
-        On infinite values (the message names the global row).
-    """
-    return _log_prob_resp(X, params, chunk_index, row_start)[0]
-
-
-def predict_proba_block(
-    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
-) -> np.ndarray:
-    """Responsibilities ``p(k | x_i,o)`` given each row's observed values: shape (n, K)."""
-    return np.exp(_log_prob_resp(X, params, chunk_index, row_start)[1])
-
-
-def predict_block(
-    X: np.ndarray, params: GMMParams, chunk_index: int = 0, row_start: int = 0
-) -> np.ndarray:
-    """Most probable component given each row's observed values: shape (n,), int64."""
-    log_resp = _log_prob_resp(X, params, chunk_index, row_start)[1]
-    return np.argmax(log_resp, axis=1).astype(np.int64)
+MISSING_VALUES = kernels.BlockInference(_log_prob_resp)
+"""Inference given each row's observed values: ``score_samples_block`` is the marginal
+log-density ``log p(x_i,o)``, the responsibilities are ``p(k | x_i,o)``; DataError on
+infinite values (the message names the global row)."""
+score_samples_block = MISSING_VALUES.score_samples_block
+predict_proba_block = MISSING_VALUES.predict_proba_block
+predict_block = MISSING_VALUES.predict_block
 
 
 def impute_block(

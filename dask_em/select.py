@@ -361,10 +361,5 @@ def select(
     best_index = int(np.argmin(values))
     best = estimators[best_index]
     run = chosen[best_index]
-    best._set_fitted(run.params)
-    best.converged_ = bool(run.converged)
-    best.n_iter_ = int(run.n_iter)
-    best.lower_bound_ = float(run.lower_bound)
-    best.lower_bounds_ = list(run.lower_bounds)
-    best.n_passes_ = n_passes
+    best._set_result(run, n_passes)
     return SelectionResult(candidates, criterion, best_index, best, n_passes, n_samples)

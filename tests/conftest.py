@@ -188,6 +188,18 @@ def given_inits() -> Callable[..., dict[str, np.ndarray]]:
 
 
 # ------------------------------------------------------------------- clusters
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Path:
+    """A hive-partitioned Parquet dataset of the first three dates
+    (`warehouse_helpers.write_date`), written by DuckDB."""
+    from warehouse_helpers import write_date
+
+    root = tmp_path / "warehouse"
+    for day in range(3):
+        write_date(root, day)
+    return root
+
+
 @pytest.fixture(scope="session")
 def dask_cluster() -> Iterator[object]:
     """A real multi-process ``distributed.LocalCluster``: 2 worker processes, 1 thread each.

@@ -11,21 +11,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 from cli_helpers import assert_ok, assert_usage_error, run_cli, snapshot
-from test_ingest import DATES, FEATURES, duckdb_rows, write_date
+from warehouse_helpers import DATES, FEATURES, duckdb_rows, write_date
 
 from dask_em.io import open_array
-
-
-@pytest.fixture
-def warehouse(tmp_path: Path) -> Path:
-    """A hive-partitioned Parquet dataset of three dates (NULLs in two columns)."""
-    root = tmp_path / "warehouse"
-    for day in range(3):
-        write_date(root, day)
-    return root
 
 
 def test_ingest_drop_then_append_prints_progress_messages_and_a_json_summary(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import signal
 import warnings
 from collections.abc import Iterator
@@ -173,8 +174,8 @@ def test_scheduler_killed_fails_in_one_line_then_resumes_on_a_fresh_cluster(
     with start_external_cluster(root):
         resumed = run_cli(*command, timeout=300)
     assert_ok(resumed)
-    assert f"Resuming initialization 0 at iteration {killed_at} " in resumed.stderr
-    assert_same_fit(load_model(model), load_model(tmp_path / "reference.zarr"))
+    assert re.search(rf"Resuming initialization 0 at iteration {killed_at}\b", resumed.stderr)
+    assert_same_fit(load_model(model), load_model(tmp_path / "reference.zarr"), redone_passes=True)
 
 
 # ------------------------------------------------------------ workers dying on a task
@@ -271,7 +272,7 @@ def test_fit_killed_after_every_iteration_ends_equal_to_a_straight_run(tmp_path:
     else:
         raise AssertionError(f"not finished after kills at iterations {kills}")
     assert len(kills) >= max_iter // 2, kills  # most iterations were interrupted
-    assert_same_fit(load_model(model), load_model(tmp_path / "straight.zarr"))
+    assert_same_fit(load_model(model), load_model(tmp_path / "straight.zarr"), redone_passes=True)
 
 
 # ------------------------------------------------------------ the graph over a long fit

@@ -43,7 +43,7 @@ from cli_helpers import (
     write_array,
 )
 
-from dask_em import GaussianMixture, load_model
+from dask_em import GaussianMixture, load_model, staging
 from dask_em import io as io_module
 from dask_em.checkpoint import (
     LOCK,
@@ -528,7 +528,7 @@ def test_leftovers_of_dead_writers_are_cleaned_and_an_output_renamed_aside_is_re
     out = tmp_path / "labels.zarr"
     store_array(da.from_array(np.arange(10), chunks=4), out, kind="predictions")
     earlier = snapshot(out)
-    dead, host = dead_pid(), io_module._HOST
+    dead, host = dead_pid(), staging.HOST
     aside = tmp_path / f".labels.zarr.old-{host}-{dead}-{uuid.uuid4().hex}"
     os.replace(out, aside)
     half = tmp_path / f".labels.zarr.tmp-{host}-{dead}-{uuid.uuid4().hex}"

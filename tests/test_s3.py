@@ -34,7 +34,7 @@ from cli_helpers import (
     wait_for,
     write_array,
 )
-from test_ingest import duckdb_rows, write_date
+from warehouse_helpers import duckdb_rows, write_date
 
 from dask_em import GaussianMixture, load_model
 from dask_em.checkpoint import Checkpoint, CheckpointDamaged, CheckpointLocked
