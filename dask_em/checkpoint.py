@@ -50,8 +50,7 @@ from dask_em.em import EMResult, FitState
 from dask_em.errors import CheckpointError
 from dask_em.io import destination_problem
 from dask_em.params import PARAM_ARRAYS, GMMParams
-from dask_em.staging import process_alive
-from dask_em.store import Location
+from dask_em.store import Location, object_lock
 
 FORMAT = "dask-em-checkpoint"
 FORMAT_VERSION = 2  # 2: one run per initialization (shared passes), SQUAREM step cap
@@ -916,34 +915,9 @@ def _remove_if_empty(path: Path) -> None:
 
 
 # ------------------------------------------------------------------ object stores
-def _probe_conditional_put(place: Location) -> bool:
-    """Whether the store of ``place`` refuses a create-if-absent write over an existing
-    object (S3 ``If-None-Match: *``): two creates of one probe key, the second must fail."""
-    probe = place.child(f".lock-probe-{uuid.uuid4().hex}")
-    try:
-        probe.create(b"1")
-        return not probe.create(b"2")
-    finally:
-        probe.remove()
-
-
-def _object_lock_owner(lock: Location) -> dict[str, Any] | None:
-    try:
-        info = json.loads(lock.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
 @contextmanager
 def _object_lock(place: Location, use_lock: bool = True) -> Iterator[None]:
-    """`checkpoint_lock` on an object store: the lock object ``DIR/lock`` is created with
-    a create-if-absent write (`dask_em.store.Location.create`), so of two fits starting
-    together exactly one gets it; it is deleted when the block ends.
-
-    Nothing releases the lock of a killed process by itself: a lock left by a process
-    of this host that no longer runs is taken over (logged); one left by a fit killed on
-    another machine must be deleted by hand (the message says so).
+    """`checkpoint_lock` on an object store: `dask_em.store.object_lock` on ``DIR/lock``.
 
     Parameters
     ----------
@@ -963,46 +937,20 @@ def _object_lock(place: Location, use_lock: bool = True) -> Iterator[None]:
     if not use_lock:
         yield
         return
-    if not _probe_conditional_put(place):
-        raise CheckpointError(
+    lock = place.child(LOCK)
+    with object_lock(
+        lock,
+        unsupported=lambda: CheckpointError(
             f"the object store of the checkpoint {place.location!r} ignores conditional "
             "writes (If-None-Match), so the one-fit-at-a-time lock cannot work there; pass "
             "{no_lock} to checkpoint without the lock (then run one fit at a time on it)."
-        )
-    lock = place.child(LOCK)
-    info = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        "token": uuid.uuid4().hex,
-    }
-    for _ in range(3):
-        if lock.create(json.dumps(info).encode()):
-            break
-        owner = _object_lock_owner(lock)
-        if owner is None:
-            continue  # released meanwhile (or being written): try again
-        shown = (
-            f"pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
-        )
-        if owner.get("host") == info["host"] and not process_alive(int(owner.get("pid", 0))):
-            _log.warning("checkpoint %s: taking over a stale lock (%s)", place.location, shown)
-            lock.remove()
-            continue
-        raise CheckpointLocked(
-            f"checkpoint {place.location} is in use by another fit ({shown}); wait for it to "
+        ),
+        held=lambda owner: CheckpointLocked(
+            f"checkpoint {place.location} is in use by another fit ({owner}); wait for it to "
             f"end, or if that fit was killed, delete {lock.location} and run again."
-        )
-    else:
-        raise CheckpointLocked(
-            f"checkpoint {place.location} is being locked by other fits; try again."
-        )
-    try:
+        ),
+    ):
         yield
-    finally:
-        owner = _object_lock_owner(lock)
-        if owner is not None and owner.get("token") == info["token"]:
-            lock.remove()
 
 
 def _checkpoint_objects(place: Location) -> list[str]:

@@ -33,11 +33,18 @@ reading exactly as before, and rerunning the same call completes it):
    reads the same rows in either version);
 3. the array metadata (new shape and attributes) replaces ``zarr.json`` last.
 
+On an object store (``s3://``) the staging array is ``OUT/.ingest-HOST-PID-UUID/``, its
+chunks are copied into the store in the same order (a server-side copy makes an object
+appear whole), the metadata is one PUT, and one ingest at a time holds the lock object
+``OUT/ingest.lock`` (`dask_em.store.object_lock`); the next ingest deletes what a killed
+one left (chunks beyond the committed shape, staging prefixes).
+
 Replacing a partition (``replace_partition=True``) rewrites the store from that
 partition's first row: its new rows, then the rows of every later partition as they
 are stored (their row ranges shift, their hashes stay). That version is built
 complete beside the store and swapped in with two renames (the old version is put
-back by the next ingest if a process dies between them).
+back by the next ingest if a process dies between them). Object stores have no rename:
+there a replacement is refused.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import hashlib
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,8 +66,8 @@ import zarr
 
 from dask_em.errors import DataError, OutputError, ParameterError
 from dask_em.io import ARRAY_COMPRESSORS
-from dask_em.staging import beside, clean_leftovers
-from dask_em.store import Location, is_url, storage_error
+from dask_em.staging import HOST, beside, clean_leftovers
+from dask_em.store import Location, is_url, object_lock, storage_error
 
 FORMAT_VERSION = 1
 ATTRIBUTE = "dask_em_ingest"
@@ -71,6 +79,9 @@ chunks into larger tasks; a small chunk keeps appends and ingest memory small)."
 
 BATCH_ROWS = 65_536
 """Most rows per record batch read from Parquet or DuckDB."""
+
+LOCK = "ingest.lock"
+"""The lock object inside a store on an object store (`_locked`)."""
 
 MISSING_POLICIES = ("error", "drop", "keep")
 DTYPES = ("float64", "float32")
@@ -385,38 +396,58 @@ def _record(store: zarr.Array) -> dict[str, Any]:
     return dict(store.attrs.get(ATTRIBUTE) or {})
 
 
-def _check_record(out: Path, store: zarr.Array) -> dict[str, Any]:
+def _check_record(out: Location, store: zarr.Array) -> dict[str, Any]:
     """The ingest record of an existing store, checked against its shape."""
     record = _record(store)
     if record.get("format_version") != FORMAT_VERSION:
         raise OutputError(
-            f"{os.fspath(out)!r} exists and is not a store written by dask-em ingest; "
+            f"{out.location!r} exists and is not a store written by dask-em ingest; "
             "choose another output path.",
             parameter="out",
         )
     parts = record.get("partitions", [])
     if sum(p["rows"] for p in parts) != store.shape[0]:
         raise DataError(
-            f"{os.fspath(out)!r} is damaged: its partitions hold "
+            f"{out.location!r} is damaged: its partitions hold "
             f"{sum(p['rows'] for p in parts)} rows, its array {store.shape[0]}; re-ingest it."
         )
     return record
 
 
 @contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the store directory ``out`` (one ingest at a time)."""
+def _locked(out: Location) -> Iterator[None]:
+    """Hold the one-ingest-at-a-time lock of the store ``out``: an exclusive ``flock`` on
+    its directory, or on an object store the lock object ``OUT/ingest.lock``
+    (`dask_em.store.object_lock`)."""
+    if out.is_url:
+        lock = out.child(LOCK)
+        with object_lock(
+            lock,
+            unsupported=lambda: OutputError(
+                f"the object store of {out.location!r} ignores conditional writes "
+                "(If-None-Match), so concurrent ingests could not be kept apart; ingest "
+                "into a local store, then copy it to the bucket.",
+                parameter="out",
+            ),
+            held=lambda owner: OutputError(
+                f"another ingest is writing {out.location!r} ({owner}); wait until it ends, "
+                f"or if it was killed on another machine, delete {lock.location}.",
+                parameter="out",
+            ),
+        ):
+            yield
+        return
     while True:
-        fd = os.open(out, os.O_RDONLY)
+        fd = os.open(out.location, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise OutputError(
-                f"another ingest is writing {os.fspath(out)!r}; wait until it ends.",
+                f"another ingest is writing {out.location!r}; wait until it ends.",
                 parameter="out",
             ) from None
-        if os.stat(out).st_ino == os.fstat(fd).st_ino:  # not swapped out meanwhile
+        if os.stat(out.location).st_ino == os.fstat(fd).st_ino:  # not swapped out meanwhile
             break
         os.close(fd)
     try:
@@ -425,43 +456,66 @@ def _locked(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _chunk_files(root: Path) -> dict[int, Path]:
-    """Chunk files of a store (row chunk index -> path)."""
-    chunks = root / "c"
-    if not chunks.is_dir():
-        return {}
-    return {int(d.name): d / "0" for d in chunks.iterdir() if d.name.isdigit()}
+def _chunk_files(root: Location) -> dict[int, Location]:
+    """Chunk objects of a store (row chunk index -> location)."""
+    chunks = root.child("c")
+    return {int(n): chunks.child(n).child("0") for n in chunks.names() if n.isdigit()}
 
 
-def _create(out: Path, names: list[str], dtype: np.dtype, chunk_rows: int) -> None:
-    """Create an empty store (0 rows) at ``out``, atomically (built beside, renamed)."""
-    tmp = beside(out, "ingest")
+def _open(place: Location, mode: str = "r") -> zarr.Array:
+    return zarr.open_array(place.location, mode=mode, **place.zarr_options())
+
+
+def _staging(out: Location) -> Location:
+    """Where a writer stages a new version of ``out``: beside it locally (swapped in
+    with renames), inside it on an object store (``OUT/.ingest-…``, not part of the
+    array; cleared by the next ingest holding the lock)."""
+    if out.is_url:
+        return out.child(f".ingest-{HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+    staging = Location(beside(Path(out.location), "ingest"))
+    os.mkdir(staging.location)
+    return staging
+
+
+def _create(out: Location, names: list[str], dtype: np.dtype, chunk_rows: int) -> None:
+    """Create an empty store (0 rows) at ``out``, atomically: built beside and renamed
+    locally; on an object store its metadata is one PUT (under the ingest lock)."""
+    if out.is_url:
+        _new_array(out.location, out.zarr_options(), names, dtype, chunk_rows)
+        return
+    tmp = beside(Path(out.location), "ingest")
     try:
-        store = zarr.create_array(
-            store=str(tmp),
-            shape=(0, len(names)),
-            chunks=(chunk_rows, len(names)),
-            dtype=dtype,
-            compressors=list(ARRAY_COMPRESSORS),
-            fill_value=0.0,
-            attributes={
-                ATTRIBUTE: {
-                    "format_version": FORMAT_VERSION,
-                    "columns": names,
-                    "dtype": dtype.name,
-                    "chunk_rows": chunk_rows,
-                    "partitions": [],
-                }
-            },
-        )
-        del store
+        _new_array(str(tmp), {}, names, dtype, chunk_rows)
         try:
-            os.rename(tmp, out)
+            os.rename(tmp, out.location)
         except OSError:
-            if not out.exists():
+            if not os.path.exists(out.location):
                 raise  # another ingest created it meanwhile otherwise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_array(
+    store: str, options: dict[str, Any], names: list[str], dtype: np.dtype, chunk_rows: int
+) -> None:
+    zarr.create_array(
+        store=store,
+        **options,
+        shape=(0, len(names)),
+        chunks=(chunk_rows, len(names)),
+        dtype=dtype,
+        compressors=list(ARRAY_COMPRESSORS),
+        fill_value=0.0,
+        attributes={
+            ATTRIBUTE: {
+                "format_version": FORMAT_VERSION,
+                "columns": names,
+                "dtype": dtype.name,
+                "chunk_rows": chunk_rows,
+                "partitions": [],
+            }
+        },
+    )
 
 
 class _Writer:
@@ -469,22 +523,19 @@ class _Writer:
 
     Parameters
     ----------
-    out : Path
+    out : Location
         The committed store (its metadata is copied; its rows before ``start`` in the
         chunk holding ``start`` are copied in first).
     start : int
         First row to write; the staging chunks start at ``start // chunk_rows``.
     """
 
-    def __init__(self, out: Path, start: int) -> None:
+    def __init__(self, out: Location, start: int) -> None:
         self.out = out
-        self.staging = beside(out, "ingest")
-        self.staging.mkdir()
-        shutil.copyfile(out / "zarr.json", self.staging / "zarr.json")
-        committed = zarr.open_array(str(out), mode="r")
-        self.array = zarr.open_array(str(self.staging), mode="r+").with_config(
-            {"write_empty_chunks": True}
-        )
+        self.staging = _staging(out)
+        self.staging.child("zarr.json").write_bytes(out.child("zarr.json").read_bytes())
+        committed = _open(out)
+        self.array = _open(self.staging, "r+").with_config({"write_empty_chunks": True})
         self.chunk_rows = int(committed.chunks[0])
         self.first_chunk = start // self.chunk_rows
         self.index = self.first_chunk
@@ -524,43 +575,47 @@ class _Writer:
         """Move the staged chunks, then the metadata, into the store (see module docstring)."""
         staged = _chunk_files(self.staging)
         for index in sorted(staged, reverse=True):  # the committed partial chunk last
-            target = self.out / "c" / str(index)
-            target.mkdir(parents=True, exist_ok=True)
-            os.replace(staged[index], target / "0")
-        os.replace(self.staging / "zarr.json", self.out / "zarr.json")
+            staged[index].move_to(self.out.child("c").child(str(index)).child("0"))
+        self.staging.child("zarr.json").move_to(self.out.child("zarr.json"))
 
     def commit_swap(self) -> int:
         """Make the staging array, completed with the store's earlier chunks, the store.
 
         Returns a descriptor of the new store holding its lock (taken before the swap),
-        for the caller to close when done.
+        for the caller to close when done. Local stores only (two renames).
         """
-        for index, path in _chunk_files(self.out).items():
+        out, staging = Path(self.out.location), Path(self.staging.location)
+        for index, chunk in _chunk_files(self.out).items():
             if index < self.first_chunk:
-                target = self.staging / "c" / str(index)
+                path, target = Path(chunk.location), staging / "c" / str(index)
                 target.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(path, target / "0")  # chunk files are replaced, never modified
                 except OSError:  # a file system without hard links
                     shutil.copyfile(path, target / "0")
-        fd = os.open(self.staging, os.O_RDONLY)
+        fd = os.open(staging, os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows this directory yet
-        old = beside(self.out, "old")
-        os.replace(self.out, old)
-        os.replace(self.staging, self.out)
+        old = beside(out, "old")
+        os.replace(out, old)
+        os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)
         return fd
 
     def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.remove()
 
 
-def _drop_uncommitted_chunks(out: Path, n_rows: int, chunk_rows: int) -> None:
-    """Delete chunk files beyond the committed shape (left by a killed append)."""
+def _drop_uncommitted(out: Location, n_rows: int, chunk_rows: int) -> None:
+    """Delete chunks beyond the committed shape (left by a killed append) and, on an
+    object store, the staging prefixes of killed ingests (we hold the lock)."""
     last = -(-n_rows // chunk_rows) - 1
-    for index, path in _chunk_files(out).items():
+    for index, chunk in _chunk_files(out).items():
         if index > last:
-            shutil.rmtree(path.parent, ignore_errors=True)
+            chunk.parent().remove()
+    if out.is_url:
+        for name in out.names():
+            if name.startswith(".ingest-"):
+                out.child(name).remove()
 
 
 # ------------------------------------------------------------------ ingest
@@ -590,8 +645,9 @@ def ingest(
         local path or an fsspec URL (``s3://bucket/dataset``, read with
         ``storage_options``). None with ``query`` that reads files itself.
     out : str or path
-        The Zarr array to create or append to (a local directory: appends are committed
-        with renames; copy the store to a bucket once written).
+        The Zarr array to create or append to: a local directory or an fsspec URL
+        (``s3://bucket/data.zarr``, written with ``storage_options``; see the module
+        docstring for how each commits).
     columns : sequence of str, optional
         Feature columns, in order. Default: every numeric column of the first partition
         (integer, floating point, decimal), or the store's columns when appending.
@@ -617,7 +673,7 @@ def ingest(
         Called with a dict (``rows``, ``partitions``, ``partitions_total``, ``partition``,
         ``seconds``, ``rows_per_s``) after every chunk written and every partition.
     storage_options : dict, optional
-        fsspec options (credentials, ``endpoint_url``) of a URL ``source``.
+        fsspec options (credentials, ``endpoint_url``) of a URL ``source`` or ``out``.
 
     Returns
     -------
@@ -666,35 +722,39 @@ def ingest(
     _arrow()
     if query is not None:
         _duckdb()
-    if is_url(out):
-        raise OutputError(
-            f"ingest writes a local Zarr store (its appends commit with renames, which "
-            f"object stores lack), not {os.fspath(out)!r}; write it to a local path, then "
-            "copy it to the bucket.",
-            parameter="out",
-        )
     units = _units(None if source is None else os.fspath(source), partition, storage_options)
-    out = Path(out)
-    clean_leftovers(out, ("ingest", "old"))
-    if out.exists() and not (out / "zarr.json").is_file():
+    place = Location(out, storage_options if is_url(out) else None)
+    if place.is_url:
+        place.check_reachable("the output")
+    else:
+        clean_leftovers(Path(out), ("ingest", "old"))
+    foreign = [n for n in place.names() if n != LOCK and not n.startswith(".ingest-")]
+    exists = place.child("zarr.json").exists()
+    if not exists and (foreign or (not place.is_url and place.exists())):
         raise OutputError(
-            f"{os.fspath(out)!r} exists and is not a store written by dask-em ingest; "
+            f"{place.location!r} exists and is not a store written by dask-em ingest; "
             "choose another output path.",
             parameter="out",
         )
-    created = not out.exists()
-    if created:
+
+    def create() -> None:
         dt = np.dtype(dtype or "float64")
         names, _, _ = _blocks(units[0], query, columns, dt, missing)
         fit = max(1, CHUNK_TARGET_BYTES // (len(names) * dt.itemsize))
         chunk = chunk_rows or 1 << (fit.bit_length() - 1)  # a power of two, <= 8 MiB
-        _create(out, names, dt, int(chunk))
+        _create(place, names, dt, int(chunk))
+
+    created = not exists
+    if created and not place.is_url:
+        create()  # locally the lock is on the store's directory: create it first
     locks: list[int] = []  # descriptors locking the versions of ``out`` swapped in
-    with _locked(out):
+    with _locked(place):
+        if created and place.is_url:
+            create()
         try:
             return _ingest_locked(
                 units,
-                out,
+                place,
                 locks,
                 columns,
                 query,
@@ -706,8 +766,12 @@ def ingest(
                 began,
             )
         except BaseException:
-            if created and not _record(zarr.open_array(str(out), mode="r"))["partitions"]:
-                shutil.rmtree(out)  # the empty store this call made: leave nothing
+            if created and not _record(_open(place))["partitions"]:
+                for name in place.names():  # the empty store this call made: leave nothing
+                    if name != LOCK:
+                        place.child(name).remove()
+                if not place.is_url:
+                    os.rmdir(place.location)
             raise
         finally:
             for fd in locks:
@@ -716,7 +780,7 @@ def ingest(
 
 def _ingest_locked(
     units: list[_Unit],
-    out: Path,
+    out: Location,
     locks: list[int],
     columns: Sequence[str] | None,
     query: str | None,
@@ -729,29 +793,29 @@ def _ingest_locked(
 ) -> dict[str, Any]:
     """The work of `ingest` once ``out`` exists and is locked (same parameters; ``locks``
     collects the lock descriptors of the versions a replacement swaps in)."""
-    store = zarr.open_array(str(out), mode="r")
+    store = _open(out)
     record = _check_record(out, store)
     names = list(record["columns"])
     stored = np.dtype(record["dtype"])
     if columns is not None and list(columns) != names:
         raise ParameterError(
-            f"{os.fspath(out)!r} holds the columns {names}; ingest the same columns into "
+            f"{out.location!r} holds the columns {names}; ingest the same columns into "
             "it, or write another store.",
             parameter="columns",
         )
     if dtype is not None and np.dtype(dtype) != stored:
         raise ParameterError(
-            f"{os.fspath(out)!r} holds {stored.name}; pass dtype={stored.name!r} or write "
+            f"{out.location!r} holds {stored.name}; pass dtype={stored.name!r} or write "
             "another store.",
             parameter="dtype",
         )
     if chunk_rows is not None and chunk_rows != record["chunk_rows"]:
         raise ParameterError(
-            f"{os.fspath(out)!r} has chunks of {record['chunk_rows']} rows; appends keep "
+            f"{out.location!r} has chunks of {record['chunk_rows']} rows; appends keep "
             "them: drop chunk_rows or write another store.",
             parameter="chunk_rows",
         )
-    _drop_uncommitted_chunks(out, store.shape[0], record["chunk_rows"])
+    _drop_uncommitted(out, store.shape[0], record["chunk_rows"])
 
     done = {p["name"]: p for p in record["partitions"]}
     report: list[dict[str, Any]] = []
@@ -789,10 +853,18 @@ def _ingest_locked(
             tell(unit.name)
         else:
             changed.append((unit, done[unit.name]["sha256"]))
+    if changed and replace_partition and out.is_url:
+        raise OutputError(
+            f"partition {changed[0][0].name!r} changed since it was ingested into "
+            f"{out.location!r}; replacing it rewrites the store from that partition on, "
+            "which needs renames that object stores lack: ingest into a new store, or into "
+            "a local store and copy it to the bucket.",
+            parameter="replace_partition",
+        )
     if changed and not replace_partition:
         raise DataError(
             f"partition {changed[0][0].name!r} changed since it was ingested into "
-            f"{os.fspath(out)!r} (content hash differs); pass {{replace_partition}} to "
+            f"{out.location!r} (content hash differs); pass {{replace_partition}} to "
             "replace it (its rows and the rows after it are rewritten)."
         )
 
@@ -823,13 +895,13 @@ def _ingest_locked(
         return writer, entry
 
     for unit, _ in changed:  # each replaced version keeps the lock: in ``locks``
-        current = _record(zarr.open_array(str(out), mode="r"))
+        current = _record(_open(out))
         parts = current["partitions"]
         at = next(i for i, p in enumerate(parts) if p["name"] == unit.name)
         writer, entry = write(unit, parts[at]["row_start"])
         try:
             later = []
-            committed = zarr.open_array(str(out), mode="r")
+            committed = _open(out)
             for p in parts[at + 1 :]:
                 shifted = dict(p, row_start=writer.rows)
                 for lo in range(p["row_start"], p["row_stop"], writer.chunk_rows):
@@ -850,8 +922,8 @@ def _ingest_locked(
     for unit in units:
         if unit.name in done:
             continue
-        current = _record(zarr.open_array(str(out), mode="r"))
-        start = int(zarr.open_array(str(out), mode="r").shape[0])
+        current = _record(_open(out))
+        start = int(_open(out).shape[0])
         writer, entry = write(unit, start)
         try:
             writer.finish(dict(current, partitions=[*current["partitions"], entry]))
@@ -862,11 +934,11 @@ def _ingest_locked(
         state["partitions"] += 1
         tell(unit.name)
 
-    final = zarr.open_array(str(out), mode="r")
+    final = _open(out)
     seconds = time.perf_counter() - began
     added = [r for r in report if r["status"] != "unchanged"]
     return {
-        "out": os.fspath(out),
+        "out": out.location,
         "n_samples": int(final.shape[0]),
         "n_features": int(final.shape[1]),
         "columns": names,

@@ -3,8 +3,9 @@
 `Location` is the one interface to local directories and object stores (fsspec URLs,
 ``s3://``): whole-object atomic writes, create-if-absent writes, listing, removal, and
 `Location.check_reachable`, which turns denied credentials, a missing bucket or an
-unreachable endpoint into one-line errors; `close_sessions` closes s3fs's HTTP sessions
-before exit. Everything above it uses the same calls for both kinds of storage.
+unreachable endpoint into one-line errors; `object_lock` is a one-writer-at-a-time lock
+made of a create-if-absent object; `close_sessions` closes s3fs's HTTP sessions before
+exit. Everything above it uses the same calls for both kinds of storage.
 
 Strict access to Zarr chunks: every chunk present and decodable, or an error naming it.
 
@@ -35,8 +36,15 @@ not detected here).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -47,7 +55,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from dask_em.errors import DataError, ParameterError
+from dask_em.errors import DataError, ParameterError, UserError
+from dask_em.staging import process_alive
 
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 """Zarr array config of every array dask-em writes: chunks equal to the fill value are
@@ -332,6 +341,24 @@ class Location:
             return Location(f"{self.location}/{name}", self.storage_options)
         return Location(os.path.join(self.location, name))
 
+    def parent(self) -> Location:
+        """The location holding this one (same storage options)."""
+        if self.is_url:
+            return Location(self.location.rsplit("/", 1)[0], self.storage_options)
+        return Location(os.path.dirname(os.path.abspath(self.location)))
+
+    def move_to(self, dest: Location) -> None:
+        """Make this object ``dest``'s content and remove it here: a reader of ``dest``
+        sees the old or the new content whole (``os.replace``, creating ``dest``'s
+        directory; on an object store a server-side copy, then a delete)."""
+        if not self.is_url:
+            os.makedirs(os.path.dirname(os.path.abspath(dest.location)), exist_ok=True)
+            os.replace(self.location, dest.location)
+            return
+        fs, path = self.filesystem()
+        fs.copy(path, dest.filesystem()[1])
+        fs.rm(path)
+
     def check_reachable(self, what: str) -> None:
         """Raise DataError in one line if a URL's store cannot be used: denied
         credentials, a missing bucket or an unreachable endpoint (a local path: nothing).
@@ -443,6 +470,92 @@ class Location:
             fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
+
+
+_log = logging.getLogger(__name__)
+
+
+def _conditional_put_works(place: Location) -> bool:
+    """Whether the store of ``place`` refuses a create-if-absent write over an existing
+    object (S3 ``If-None-Match: *``): two creates of one probe key, the second must fail."""
+    probe = place.child(f".lock-probe-{uuid.uuid4().hex}")
+    try:
+        probe.create(b"1")
+        return not probe.create(b"2")
+    finally:
+        probe.remove()
+
+
+def _lock_owner(lock: Location) -> dict[str, Any] | None:
+    try:
+        info = json.loads(lock.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+@contextmanager
+def object_lock(
+    lock: Location,
+    *,
+    unsupported: Callable[[], UserError],
+    held: Callable[[str], UserError],
+) -> Iterator[None]:
+    """Hold the lock object ``lock`` for the ``with`` block (one writer at a time).
+
+    The lock is created with a create-if-absent write (`Location.create`), so of two
+    writers starting together exactly one gets it; it is deleted when the block ends.
+    Nothing releases the lock of a killed process by itself: a lock left by a process
+    of this host that no longer runs is taken over (logged); one left on another
+    machine must be deleted by hand (the caller's message says so).
+
+    Parameters
+    ----------
+    lock : Location
+        The lock object (its JSON names the holder: pid, host, start time, token).
+    unsupported : callable
+        ``unsupported()``: the error to raise when the store ignores conditional writes.
+    held : callable
+        ``held(owner)``: the error to raise when another writer holds the lock
+        (``owner`` describes it: pid, host and start time).
+
+    Raises
+    ------
+    UserError
+        ``unsupported()`` or ``held(owner)``, as above.
+    """
+    if not _conditional_put_works(lock.parent()):
+        raise unsupported()
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "token": uuid.uuid4().hex,
+    }
+    for _ in range(3):
+        if lock.create(json.dumps(info).encode()):
+            break
+        owner = _lock_owner(lock)
+        if owner is None:
+            continue  # released meanwhile (or being written): try again
+        shown = (
+            f"pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
+        )
+        if owner.get("host") == info["host"] and not process_alive(int(owner.get("pid", 0))):
+            _log.warning(
+                "taking over a stale lock %s (%s, no longer running)", lock.location, shown
+            )
+            lock.remove()
+            continue
+        raise held(shown)
+    else:
+        raise held("other writers are taking it; try again")
+    try:
+        yield
+    finally:
+        owner = _lock_owner(lock)
+        if owner is not None and owner.get("token") == info["token"]:
+            lock.remove()
 
 
 def _zarr_loop() -> Any:

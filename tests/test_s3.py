@@ -11,7 +11,11 @@ their environment (``AWS_ENDPOINT_URL``), or given by ``--storage-option``.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,11 +38,14 @@ from cli_helpers import (
     wait_for,
     write_array,
 )
-from warehouse_helpers import duckdb_rows, write_date
+from warehouse_helpers import DATES, duckdb_rows, write_date
 
 from dask_em import GaussianMixture, load_model
 from dask_em.checkpoint import Checkpoint, CheckpointDamaged, CheckpointLocked
+from dask_em.errors import OutputError
+from dask_em.ingest import LOCK, ingest
 from dask_em.io import open_array
+from dask_em.store import Location, object_lock
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -196,6 +203,111 @@ def test_ingest_from_s3_parquet_then_fit_predict_score_info_on_s3(
     )
 
 
+def s3_store(server: S3, url: str) -> tuple[np.ndarray, dict]:
+    """What a reader of the Zarr array at ``url`` sees: its rows and attributes."""
+    array = zarr.open_array(url, mode="r", storage_options=server.options())
+    return array[...], array.attrs.asdict()
+
+
+def test_ingest_into_a_bucket_appends_like_a_local_store_and_refuses_a_replacement(
+    s3: tuple[S3, str], warehouse: Path, tmp_path: Path
+) -> None:
+    """``ingest`` writes its store to s3:// and appends to it there: the same rows and
+    record as a local ingest of the same partitions, no staging or lock object left; a
+    re-ingest is a no-op; replacing a changed partition (which needs renames) is
+    refused in one line with the store unchanged."""
+    server, bucket = s3
+    url, options = f"s3://{bucket}/data.zarr", server.options()
+    first = ingest(warehouse, url, missing="drop", chunk_rows=128, storage_options=options)
+    assert first["out"] == url and first["rows_added"] == len(duckdb_rows(warehouse))
+    write_date(warehouse, 3)
+    appended = ingest(warehouse, url, missing="drop", storage_options=options)
+    assert [p["status"] for p in appended["partitions"]] == ["unchanged"] * 3 + ["added"]
+    local = tmp_path / "local.zarr"
+    ingest(warehouse, local, missing="drop", chunk_rows=128)
+    rows, attrs = s3_store(server, url)
+    assert np.array_equal(rows, zarr.open_array(str(local))[...])
+    assert attrs == zarr.open_array(str(local)).attrs.asdict()
+    assert np.array_equal(open_array(url, storage_options=options).compute(), rows)
+    assert not [k for k in keys(server, bucket) if "/.ingest-" in k or k.endswith("ingest.lock")]
+
+    again = ingest(warehouse, url, missing="drop", storage_options=options)
+    assert again["rows_added"] == 0
+    before = keys(server, bucket)
+    write_date(warehouse, 1, seed=99)
+    with pytest.raises(OutputError, match="renames that object stores lack") as err:
+        ingest(warehouse, url, missing="drop", replace_partition=True, storage_options=options)
+    assert "\n" not in str(err.value)
+    assert keys(server, bucket) == before and s3_store(server, url)[0].shape == rows.shape
+
+
+def test_an_ingest_into_a_bucket_is_refused_while_another_holds_its_lock(
+    s3: tuple[S3, str], warehouse: Path
+) -> None:
+    """The store's lock object (a conditional PUT) admits one ingest: held by a live
+    process, a second ingest is refused in one line naming it and writes nothing."""
+    server, bucket = s3
+    url, options = f"s3://{bucket}/data.zarr", server.options()
+    lock = Location(url, options).child(LOCK)
+    with object_lock(lock, unsupported=AssertionError, held=AssertionError):
+        with pytest.raises(OutputError, match=f"another ingest is writing .*pid {os.getpid()}"):
+            ingest(warehouse, url, missing="drop", storage_options=options)
+        assert keys(server, bucket) == [f"{bucket}/data.zarr/{LOCK}"]
+    assert keys(server, bucket) == []
+
+
+KILLER_S3 = textwrap.dedent(
+    """
+    import os, signal, sys
+    from dask_em.ingest import ingest
+    from dask_em.store import Location
+
+    source, out, partition, kill_at = sys.argv[1:5]
+    calls, real = [0], Location.move_to
+
+    def move_to(self, dest):  # each chunk, then the metadata, into the store
+        calls[0] += 1
+        if calls[0] == int(kill_at):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(self, dest)
+
+    Location.move_to = move_to
+    ingest(source, out, partition=partition, missing="drop")
+    """
+)
+"""Runs `ingest` and SIGKILLs itself before its KILL_AT-th move of an object into the store."""
+
+
+@pytest.mark.slow
+def test_append_to_a_bucket_killed_before_each_move_leaves_the_store_and_rerun_completes_it(
+    s3: tuple[S3, str], warehouse: Path, tmp_path: Path
+) -> None:
+    """SIGKILL an append to an s3:// store before each of its moves into the store (the
+    chunks from the partial last one on, then the metadata): readers see the store as
+    before; the next run takes over the dead process's lock, clears its staging objects
+    and completes the append, equal to a fresh ingest of the four dates."""
+    server, bucket = s3
+    url, options = f"s3://{bucket}/data.zarr", server.options()
+    ingest(warehouse, url, missing="drop", chunk_rows=128, storage_options=options)
+    before = s3_store(server, url)
+    write_date(warehouse, 3)
+    moves = -(-len(duckdb_rows(warehouse)) // 128) - len(before[0]) // 128 + 1
+    command = [sys.executable, "-c", KILLER_S3, str(warehouse), url, f"dt={DATES[3]}"]
+    for kill_at in range(1, moves + 1):
+        killed = subprocess.run([*command, str(kill_at)], capture_output=True, timeout=120)
+        assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+        rows, attrs = s3_store(server, url)
+        assert np.array_equal(rows, before[0]) and attrs == before[1], kill_at
+    rerun = subprocess.run([*command, "0"], capture_output=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    fresh = tmp_path / "fresh.zarr"
+    ingest(warehouse, fresh, missing="drop", chunk_rows=128)
+    rows, attrs = s3_store(server, url)
+    assert np.array_equal(rows, zarr.open_array(str(fresh))[...])
+    assert attrs == zarr.open_array(str(fresh)).attrs.asdict()
+    assert not [k for k in keys(server, bucket) if "/.ingest-" in k or k.endswith("ingest.lock")]
+
+
 # ------------------------------------------------------------------ checkpoint on s3
 @pytest.mark.slow
 def test_fit_checkpointed_on_s3_killed_and_resumed_equals_an_uninterrupted_local_fit(
@@ -269,6 +381,26 @@ def test_object_store_checkpoint_lock_admits_one_fit_and_saves_commit_by_manifes
     b = GaussianMixture(**options, checkpoint_dir=url, storage_options=server.options()).fit(X)
     assert_same_fit(a, b)
     assert_same_fit(a, GaussianMixture(**options).fit(X))
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_checkpoint_lock_false_fits_beside_a_held_lock_and_leaves_it(s3: tuple[S3, str]) -> None:
+    """``checkpoint_lock=False`` (``--no-lock``, for stores without conditional writes)
+    takes no lock: a fit runs on a checkpoint whose lock another process holds (refused
+    with the lock), leaves that lock object as it was, and equals an unchecked fit."""
+    server, bucket = s3
+    url = f"s3://{bucket}/ckpt"
+    X = mixture(2_000, 3, 2, seed=6)
+    options = dict(n_components=2, tol=0.0, max_iter=4, random_state=0)
+    with Checkpoint(url, {}, server.options()).lock():
+        held = server.fs().cat_file(f"{bucket}/ckpt/lock")
+        with pytest.raises(CheckpointLocked, match="in use by another fit"):
+            GaussianMixture(**options, checkpoint_dir=url, storage_options=server.options()).fit(X)
+        unlocked = GaussianMixture(
+            **options, checkpoint_dir=url, storage_options=server.options(), checkpoint_lock=False
+        ).fit(X)
+        assert server.fs().cat_file(f"{bucket}/ckpt/lock") == held
+    assert_same_fit(unlocked, GaussianMixture(**options).fit(X))
 
 
 # ------------------------------------------------------------------------ bad input
