@@ -1192,7 +1192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
-        "demo", help="generate, fit (checkpointed), predict and report on a local cluster"
+        "demo", help="generate, fit (checkpointed), predict and report (where --cluster says)"
     )
     p.add_argument(
         "--workdir",
