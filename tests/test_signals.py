@@ -40,6 +40,8 @@ from cli_helpers import (
 
 from dask_em import GaussianMixture, load_model
 from dask_em.checkpoint import LOCK
+from dask_em.cli import stop_on_signals
+from dask_em.errors import Interrupted, stop_deferred
 
 MAX_ITER = 60
 """Iterations of the fits (tol=0 runs them all): long enough to be stopped mid-fit."""
@@ -154,3 +156,27 @@ def test_sigterm_without_checkpoint_says_nothing_was_kept(data: str, tmp_path: P
         "--checkpoint-dir DIR to make the next run resumable"
     ], rest
     assert not (tmp_path / "model.zarr").exists()
+
+
+def test_a_stop_during_a_deferred_step_is_raised_when_the_step_ends() -> None:
+    """A real SIGTERM to this process under the command's handlers: outside
+    `stop_deferred` it raises `Interrupted` at once; inside, only when the block ends
+    (the step, e.g. a cluster's start, is never cut short). The handlers are restored."""
+    before = signal.getsignal(signal.SIGTERM)
+    steps = []
+    with pytest.raises(Interrupted) as stopped:
+        with stop_on_signals():
+            with stop_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs between these bytecodes
+                    steps.append(1)
+                steps.append("done")
+    assert steps[-1] == "done" and stopped.value.signum == signal.SIGTERM
+    assert stopped.value.name == "SIGTERM"
+    with pytest.raises(Interrupted):
+        with stop_on_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+            raise AssertionError("not stopped at once")
+    assert signal.getsignal(signal.SIGTERM) == before
