@@ -794,7 +794,9 @@ def open_cluster(
     ClusterError
         As `connect` and `connect_slurm`.
     """
-    local_options = any(v is not None for v in (n_workers, threads_per_worker, memory_limit))
+    # ``security`` without a scheduler goes to `connect`, which says what it is for
+    given = (n_workers, threads_per_worker, memory_limit, security)
+    local_options = any(v is not None for v in given)
     choice = choose_cluster(
         cluster,
         nbytes,
@@ -802,7 +804,7 @@ def open_cluster(
         scheduler_file=scheduler_file,
         local_options=local_options,
     )
-    if choice.kind in ("threads", "slurm") and (local_options or security is not None):
+    if choice.kind in ("threads", "slurm") and local_options:
         raise ParameterError(
             f"cluster={cluster!r} takes no {{memory_limit}} (nor n_workers, "
             "threads_per_worker or security): they shape a local cluster.",
