@@ -30,12 +30,18 @@ class                          raised for
 `ClusterError`                 a Dask cluster that cannot be reached or used
 `IllDefinedCovarianceError`    a covariance that is not positive definite
 =============================  ====================================================
+
+`Interrupted` is not a user error: it is how the ``dask-em`` command stops a running
+command on SIGTERM or SIGINT (a `KeyboardInterrupt`, so ``finally`` blocks and context
+managers close clusters and release checkpoint locks on the way out); `stop_deferred`
+holds it back over a step that must not be cut short (starting a cluster).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 PYTHON_WORDS: dict[str, str] = {
@@ -45,6 +51,7 @@ PYTHON_WORDS: dict[str, str] = {
     "checkpoint_dir": "checkpoint_dir",
     "chunk_rows": "chunk_rows",
     "cores": "cores",
+    "init_model": "init_model",
     "job_extra_directives": "job_extra_directives",
     "jobs": "jobs",
     "key": "key",
@@ -155,6 +162,65 @@ class IllDefinedCovarianceError(UserError):
     """A covariance is not positive definite (collapsed or too few samples)."""
 
     parameter = "reg_covar"
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM or SIGINT).
+
+    Raised in the main thread by the ``dask-em`` command's signal handler, wherever the
+    command is (a Dask ``compute`` waiting included), so the work unwinds as for Ctrl-C.
+    A `KeyboardInterrupt`, so that Dask and distributed cancel the running computation
+    as they do for Ctrl-C, and no ``except Exception`` turns it into another error.
+
+    Parameters
+    ----------
+    signum : int
+        The signal received.
+
+    Attributes
+    ----------
+    signum : int
+    name : str
+        The signal's name, e.g. ``'SIGTERM'``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+class _StopHold:
+    """The state of `stop_deferred` blocks (main thread, where signal handlers run)."""
+
+    depth = 0
+    pending: int | None = None
+
+
+def hold_stop(signum: int) -> bool:
+    """For a signal handler about to raise `Interrupted`: whether a `stop_deferred` block
+    is running, in which case the stop is recorded and raised at the block's end."""
+    if _StopHold.depth == 0:
+        return False
+    _StopHold.pending = signum
+    return True
+
+
+@contextmanager
+def stop_deferred() -> Iterator[None]:
+    """Hold back a stop by signal (see `hold_stop`) until the ``with`` block ends, then
+    raise it as `Interrupted`: for steps that must not be cut short (starting a cluster,
+    whose half-made state nothing could close)."""
+    _StopHold.depth += 1
+    try:
+        yield
+    finally:
+        _StopHold.depth -= 1
+    if _StopHold.depth == 0 and _StopHold.pending is not None:
+        signum, _StopHold.pending = _StopHold.pending, None
+        raise Interrupted(signum)
 
 
 class DaskEMWarning(UserWarning):
