@@ -23,6 +23,9 @@ from cli_helpers import assert_ok, assert_usage_error, mixture, run_cli, write_a
 from dask_em import GaussianMixture
 from dask_em.errors import ParameterError
 
+# tol=0 fits run max_iter iterations on purpose, and warn that they did not converge
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
 PARAMS = ("weights_", "means_", "covariances_", "precisions_cholesky_")
 
 
