@@ -140,10 +140,12 @@ _non_negative_int = _bounded(int, 0, "an integer >= 0")
 _non_negative_float = _bounded(float, 0.0, "a finite number >= 0")
 
 
-def _add_cluster_options(p: argparse.ArgumentParser) -> None:
+def _add_cluster_options(p: argparse.ArgumentParser, default: str = "auto") -> None:
     g = p.add_argument_group(
         "cluster (default: threads for data small against this machine's memory, else a "
         "local cluster of worker processes)"
+        if default == "auto"
+        else f"cluster (default: {default})"
     )
     where = g.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
@@ -177,11 +179,11 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--cluster",
         choices=CLUSTERS,
-        default="auto",
+        default=default,
         help="where the work runs: threads in this process, a local cluster of worker "
-        "processes, or SLURM jobs; auto (default): threads when the data takes under 25%% "
-        "of this machine's memory, else a local cluster (a --scheduler, --scheduler-file "
-        "or local cluster option decides instead)",
+        "processes, or SLURM jobs; auto: threads when the data takes under 25%% of this "
+        "machine's memory, else a local cluster (a --scheduler, --scheduler-file or local "
+        f"cluster option decides instead); default {default}",
     )
     _add_slurm_options(p)
 
@@ -1198,7 +1200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
-        "demo", help="generate, fit (checkpointed), predict and report (where --cluster says)"
+        "demo",
+        help="generate, fit (checkpointed), predict and report, on the embedded local cluster "
+        "(or where --cluster says)",
     )
     p.add_argument(
         "--workdir",
@@ -1232,7 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds the data and the fit (default 0)",
     )
     _add_quiet_option(p)
-    _add_cluster_options(p)
+    _add_cluster_options(p, default="local")  # the main job shows the worker processes
     p.set_defaults(func=cmd_demo)
     return parser
 
