@@ -51,7 +51,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from dask_em import GaussianMixture
-from dask_em.init import CLI_N_INIT
+from dask_em.choices import CLI_N_INIT
 from dask_em.kernels import log_prob_resp
 from dask_em.params import GMMParams
 

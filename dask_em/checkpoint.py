@@ -203,6 +203,9 @@ class Checkpoint:
         except OSError as err:
             self._prune(self._committed_names())  # what this save left half-written
             raise _checkpoint_write_failed(self.directory, err) from None
+        except BaseException:  # stopped by a signal mid-save: leave no half-written state
+            self._prune(self._committed_names())
+            raise
 
     def _encode(
         self, state: FitState, n_passes: int, sequence: int

@@ -2,7 +2,10 @@
 
 Exit status: 0 on success (also when a fit did not converge: the summary says so),
 2 on bad usage or bad input (one line on stderr, no traceback, nothing written),
-1 on an unexpected internal error (with a traceback to report). Bad input is a
+1 on an unexpected internal error (with a traceback to report), 143 when stopped by
+SIGTERM and 130 by SIGINT (`stop_on_signals`: the command stops at once, keeps the last
+committed checkpoint, closes the cluster it started, releases the checkpoint's lock and
+says in one line how to resume). Bad input is a
 `dask_em.errors.UserError`, whose message the CLI renders with its option names
 (`OPTION_NAMES`) and, for some classes, its own advice (`_advice`); any other exception
 is a bug.
@@ -17,43 +20,34 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
-
-import dask.array as da
-import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.exceptions import ConvergenceWarning
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from dask_em import __version__
-from dask_em.checkpoint import check_available, describe
-from dask_em.cluster import connect, connect_slurm, tls_security
-from dask_em.datasets import STORE_CHUNK_ROWS, generate, true_labels
-from dask_em.errors import (
-    CheckpointWarning,
-    DataError,
-    EmptyComponentWarning,
-    IllDefinedCovarianceError,
-    UserError,
+from dask_em.choices import (
+    CLI_N_INIT,
+    CLUSTERS,
+    COVARIANCE_TYPES,
+    CRITERIA,
+    INIT_PARAMS,
+    STORE_CHUNK_ROWS,
 )
-from dask_em.estimator import GaussianMixture, information_criteria, load_model
-from dask_em.init import CLI_N_INIT, INITIALIZERS
-from dask_em.io import (
-    check_destination,
-    check_output,
-    model_bytes,
-    open_array,
-    read_model,
-    store_array,
-)
-from dask_em.params import COVARIANCE_TYPES, n_parameters
-from dask_em.select import CRITERIA, select
-from dask_em.store import close_sessions
+from dask_em.errors import DataError, IllDefinedCovarianceError, Interrupted, UserError
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from dask_em.estimator import GaussianMixture
+
+# The library (NumPy, Dask, scikit-learn, Zarr, distributed) is imported by the commands
+# that use it, not here: ``--help`` and usage errors answer without loading it.
 
 DEMO_SIZE = {"n_samples": 2_000_000, "n_features": 8, "n_components": 5}
 
@@ -64,6 +58,7 @@ OPTION_NAMES = {
     "checkpoint_dir": "--checkpoint-dir",
     "chunk_rows": "--chunk-rows",
     "cores": "--cores",
+    "init_model": "--init-model",
     "job_extra_directives": "--job-extra",
     "jobs": "--jobs",
     "key": "--tls-key",
@@ -140,7 +135,10 @@ _non_negative_float = _bounded(float, 0.0, "a finite number >= 0")
 
 
 def _add_cluster_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cluster (default: a local cluster of worker processes)")
+    g = p.add_argument_group(
+        "cluster (default: threads for data small against this machine's memory, else a "
+        "local cluster of worker processes)"
+    )
     where = g.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS", help="address of a running Dask scheduler")
     where.add_argument(
@@ -172,9 +170,12 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cluster",
-        choices=["local", "slurm"],
-        default="local",
-        help="where the workers run: a local cluster, or SLURM jobs (default local)",
+        choices=CLUSTERS,
+        default="auto",
+        help="where the work runs: threads in this process, a local cluster of worker "
+        "processes, or SLURM jobs; auto (default): threads when the data takes under 25%% "
+        "of this machine's memory, else a local cluster (a --scheduler, --scheduler-file "
+        "or local cluster option decides instead)",
     )
     _add_slurm_options(p)
 
@@ -222,7 +223,8 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                 "--n-workers/--threads-per-worker/--memory-limit shape a local cluster; "
                 "drop them with --scheduler or --scheduler-file."
             )
-    if getattr(args, "cluster", "local") == "slurm":
+    cluster = getattr(args, "cluster", "auto")
+    if cluster in ("slurm", "threads"):
         given = [
             option
             for option in ("scheduler", "scheduler_file", "n_workers", "threads_per_worker")
@@ -231,11 +233,15 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         ]
         if given:
             flags = "/".join("--" + name.replace("_", "-") for name in given)
-            parser.error(
-                f"{flags} cannot be used with --cluster slurm (SLURM jobs are shaped by "
-                "--jobs/--cores/--memory); drop them."
+            shaped_by = (
+                "SLURM jobs are shaped by --jobs/--cores/--memory"
+                if cluster == "slurm"
+                else "threads run in this process"
             )
-    elif any(getattr(args, name, None) for name in SLURM_OPTIONS):
+            parser.error(
+                f"{flags} cannot be used with --cluster {cluster} ({shaped_by}); drop them."
+            )
+    if cluster != "slurm" and any(getattr(args, name, None) for name in SLURM_OPTIONS):
         parser.error(
             "--jobs/--cores/--memory/--walltime/--queue/--job-extra shape SLURM jobs: "
             "give --cluster slurm too."
@@ -246,15 +252,26 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             "a TLS connection needs --tls-ca-file and --tls-cert (and --tls-key unless "
             "the certificate file holds the key)."
         )
+    if getattr(args, "init_model", None) and args.n_init not in (None, 1):
+        parser.error(
+            f"--init-model starts one run from the model's parameters: drop --n-init "
+            f"{args.n_init} (or give --n-init 1)."
+        )
     if getattr(args, "restart", False) and not args.checkpoint_dir:
         parser.error("--restart discards a checkpoint: give --checkpoint-dir too.")
 
 
-def _cluster(args: argparse.Namespace) -> Any:
+def _cluster(args: argparse.Namespace, nbytes: float | None = None) -> Any:
+    """Where the command runs (`dask_em.cluster.open_cluster`): a context manager yielding
+    the `dask_em.cluster.ClusterChoice`; ``nbytes``, the size of the data, for ``auto``."""
+    from dask_em.cluster import open_cluster, tls_security
+
+    quiet = getattr(args, "quiet", False)
     if args.cluster == "slurm":
-        return connect_slurm(
-            args.jobs or 1,
-            quiet=getattr(args, "quiet", False),
+        return open_cluster(
+            "slurm",
+            quiet=quiet,
+            jobs=args.jobs or 1,
             cores=args.cores,
             memory=args.memory,
             walltime=args.walltime,
@@ -264,13 +281,15 @@ def _cluster(args: argparse.Namespace) -> Any:
     security = None
     if args.tls_ca_file:
         security = tls_security(args.tls_ca_file, args.tls_cert, args.tls_key)
-    return connect(
+    return open_cluster(
+        args.cluster,
+        nbytes,
+        quiet=quiet,
         scheduler=args.scheduler,
         scheduler_file=args.scheduler_file,
         n_workers=args.n_workers,
         threads_per_worker=args.threads_per_worker,
         memory_limit=args.memory_limit,
-        quiet=getattr(args, "quiet", False),
         security=security,
     )
 
@@ -285,6 +304,8 @@ def _print_json(value: dict[str, Any]) -> None:
 
 
 def _json_default(value: Any) -> Any:
+    import numpy as np
+
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -298,8 +319,11 @@ def _finite(value: float) -> float | None:
 
 # ---------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dask_em.datasets import generate
+    from dask_em.io import check_destination
+
     check_destination(args.out, storage_options=storage_options(args.storage_option))
-    with _cluster(args):
+    with _cluster(args, args.n_samples * args.n_features * 8):
         start = time.perf_counter()
         generate(
             args.out,
@@ -324,6 +348,10 @@ def fit_with_progress(
 ) -> float:
     """``gm.fit(X, restart=restart)`` with progress and warnings on stderr (none if
     ``quiet``); return the seconds it took. Shared by ``fit`` and ``demo``."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    from dask_em.errors import CheckpointWarning, EmptyComponentWarning
+
     gm.set_params(verbose=0 if quiet else 2, verbose_interval=1)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -360,6 +388,8 @@ def _open_for_fitting(
 ) -> da.Array:
     """The data of ``fit``/``select`` (``so``: its storage options), refused now (before a
     cluster starts) if it has fewer rows than ``n_components``."""
+    from dask_em.io import open_array
+
     X = open_array(args.data, args.array, args.chunk_rows, storage_options=so)
     if X.shape[0] < n_components:
         raise DataError(
@@ -378,6 +408,9 @@ def _check_model_destinations(
 ) -> None:
     """Refuse now an ``--output`` (a model of ``model_size`` bytes) or a ``--checkpoint-dir``
     (states of ``n_runs`` such runs) that the fit could not write, before a cluster starts."""
+    from dask_em.checkpoint import check_available
+    from dask_em.io import check_destination, check_output
+
     check_output(args.output, "model", [args.data], so)
     check_destination(args.output, model_size, so)
     if args.checkpoint_dir:
@@ -387,17 +420,24 @@ def _check_model_destinations(
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from dask_em.estimator import GaussianMixture, warm_start_run
+    from dask_em.io import model_bytes
+
     so = storage_options(args.storage_option)
     X = _open_for_fitting(args, args.n_components, so)
+    n_init = args.n_init or (1 if args.init_model else CLI_N_INIT)
     size = model_bytes(args.n_components, X.shape[1], args.covariance_type)
-    _check_model_destinations(args, size, args.n_init, so, use_lock=not args.no_lock)
+    _check_model_destinations(args, size, n_init, so, use_lock=not args.no_lock)
+    if args.init_model:  # a missing, damaged or misshapen model fails before a cluster starts
+        warm_start_run(args.init_model, args.n_components, args.covariance_type, X.shape[1], so)
     gm = GaussianMixture(
         args.n_components,
         covariance_type=args.covariance_type,
         tol=args.tol,
         reg_covar=args.reg_covar,
         max_iter=args.max_iter,
-        n_init=args.n_init,
+        n_init=n_init,
+        init_model=args.init_model,
         init_params=args.init_params,
         random_state=args.seed,
         checkpoint_dir=args.checkpoint_dir,
@@ -406,7 +446,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         checkpoint_lock=not args.no_lock,
         missing=args.missing,
     )
-    with _cluster(args):
+    with _cluster(args, X.nbytes) as where:
         seconds = fit_with_progress(gm, X, quiet=args.quiet, restart=args.restart)
         gm.save(args.output)
     summary = {
@@ -414,6 +454,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 3),
         "model": args.output,
         "checkpoint_dir": args.checkpoint_dir,
+        "cluster": where.kind,
     }
     if args.json:
         _print_json(summary)
@@ -429,6 +470,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- predict/score
 def _model_and_data(args: argparse.Namespace) -> tuple[GaussianMixture, Any]:
     """The model of ``args.model`` and the data of ``args.data``, checked to match."""
+    from dask_em.estimator import load_model
+    from dask_em.io import open_array
+
     so = storage_options(args.storage_option)
     gm = load_model(args.model, so)
     X = open_array(args.data, args.array, args.chunk_rows, storage_options=so)
@@ -446,15 +490,17 @@ def _write_per_row(
     kind: str,
     attrs: dict[str, Any],
     what: str,
-    n_rows: int,
+    X: da.Array,
 ) -> int:
     """Write ``make()``, a lazy per-row result of the model on the data (``predict``,
     ``impute``), to ``--output`` as an output of ``kind``; the destination is checked first."""
+    from dask_em.io import check_destination, check_output, store_array
+
     so = storage_options(args.storage_option)
     inputs = [args.model, args.data]
     check_output(args.output, kind, inputs, so)
     check_destination(args.output, storage_options=so)
-    with _cluster(args):
+    with _cluster(args, X.nbytes):
         start = time.perf_counter()
         store_array(
             make(),
@@ -466,7 +512,7 @@ def _write_per_row(
         )
     _say(
         args,
-        f"wrote {what} of {n_rows} rows to {args.output} in {time.perf_counter() - start:.1f} s",
+        f"wrote {what} of {X.shape[0]} rows to {args.output} in {time.perf_counter() - start:.1f} s",
     )
     return 0
 
@@ -480,10 +526,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "predictions",
             {"kind": "predict_proba"},
             "responsibilities",
-            X.shape[0],
+            X,
         )
     return _write_per_row(
-        args, lambda: gm.predict(X), "predictions", {"kind": "predict"}, "labels", X.shape[0]
+        args, lambda: gm.predict(X), "predictions", {"kind": "predict"}, "labels", X
     )
 
 
@@ -495,13 +541,16 @@ def cmd_impute(args: argparse.Namespace) -> int:
         "data",
         {"kind": "impute"},
         "rows with missing values imputed",
-        X.shape[0],
+        X,
     )
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from dask_em.estimator import information_criteria
+    from dask_em.params import n_parameters
+
     gm, X = _model_and_data(args)
-    with _cluster(args):
+    with _cluster(args, X.nbytes):
         mean = gm.score(X)
     n = int(X.shape[0])
     p = n_parameters(gm.n_components, int(gm.n_features_in_), gm.covariance_type)
@@ -549,11 +598,16 @@ def _covariance_types(text: str) -> list[str]:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from sklearn.exceptions import ConvergenceWarning
+
+    from dask_em.io import model_bytes
+    from dask_em.select import select
+
     X = _open_for_fitting(args, max(args.n_components))
     sizes = [model_bytes(k, X.shape[1], t) for k in args.n_components for t in args.covariance_type]
     n_candidates = len(args.n_components) * len(args.covariance_type)
     _check_model_destinations(args, max(sizes), n_candidates * args.n_init)
-    with _cluster(args):
+    with _cluster(args, X.nbytes) as where:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -574,7 +628,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         summary = result.summary()
         result.best.save(args.output, {"selection": summary})
-    summary.update(seconds=round(seconds, 3), model=args.output)
+    summary.update(seconds=round(seconds, 3), model=args.output, cluster=where.kind)
     if args.json:
         _print_json(summary)
     else:
@@ -602,6 +656,7 @@ def _feature_pair(text: str) -> tuple[int, int]:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     # matplotlib is imported by this command alone (the plot extra)
+    from dask_em.io import open_array, read_model
     from dask_em.plot import check_features, check_png_output, render, sample_rows
     from dask_em.reduce import RowData
 
@@ -616,7 +671,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 f"{args.data} has {X.shape[1]} features but the model was fitted on "
                 f"{params.n_features}; use data with the same features."
             )
-        with _cluster(args):
+        with _cluster(args, X.nbytes):
             sample = sample_rows(RowData(X), args.sample, args.seed)
     elif args.features is not None:
         raise DataError("--features chooses the axes of the scatter: give DATA too.")
@@ -627,6 +682,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
+    from dask_em.checkpoint import describe
+    from dask_em.io import read_model
+
     so = storage_options(args.storage_option)
     checkpoint = describe(args.path, so)
     if checkpoint is not None:
@@ -653,21 +711,31 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------- demo
-def _match(true_means: np.ndarray, fitted_means: np.ndarray) -> np.ndarray:
+def _match(true_means: Any, fitted_means: Any) -> Any:
     """``order[j]``: the fitted component matched to true component ``j`` (min total distance)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
     cost = np.linalg.norm(true_means[:, None, :] - fitted_means[None, :, :], axis=2)
     _, order = linear_sum_assignment(cost)
     return order
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import dask.array as da
+    import numpy as np
+
+    from dask_em.datasets import generate, true_labels
+    from dask_em.estimator import GaussianMixture
+    from dask_em.io import open_array, store_array
+
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data, model, labels, ckpt = (
         workdir / n for n in ("data.zarr", "model.zarr", "labels.zarr", "checkpoint")
     )
     n, d, k, seed = args.n_samples, args.n_features, args.n_components, args.seed
-    with _cluster(args):
+    with _cluster(args, n * d * 8):
         t0 = time.perf_counter()
         truth = generate(data, n, d, k, seed, args.store_chunk_rows)
         t1 = time.perf_counter()
@@ -899,16 +967,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--init-params",
-        choices=list(INITIALIZERS),
+        choices=INIT_PARAMS,
         default="kmeans",
         help="how to initialize (default kmeans, k-means||)",
     )
     p.add_argument(
         "--n-init",
         type=_positive_int,
-        default=CLI_N_INIT,
         help="initializations, advanced together (they share every pass); the best is kept "
-        f"(default {CLI_N_INIT}: benchmarks/fit_quality.py measured it; Python's default is 1)",
+        f"(default {CLI_N_INIT}: benchmarks/fit_quality.py measured it; Python's default is 1; "
+        "1 with --init-model)",
+    )
+    p.add_argument(
+        "--init-model",
+        metavar="MODEL.zarr",
+        help="warm start: begin EM at this model's parameters (one run, no initialization "
+        "pass); it must have the same components, covariance type and features",
     )
     p.add_argument(
         "--seed",
@@ -1157,15 +1231,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STOP_SIGNALS: dict[int, int] = {signal.SIGTERM: 143, signal.SIGINT: 130}
+"""The signals that stop a command gracefully, and the exit status of each (128 + the
+signal's number, as a shell reports a process killed by it)."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """The handler of `STOP_SIGNALS`: raise `Interrupted` in the main thread, wherever it is.
+
+    Later stop signals are ignored: the stop under way closes the cluster and releases the
+    checkpoint's lock (SIGKILL still ends the process at once). The logs of asyncio and
+    distributed are silenced from then on: the cancelled computation's tasks report their
+    cancellation there, and the one line of `_stopped` says what happened.
+    """
+    import logging
+
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    for name in ("asyncio", "distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    raise Interrupted(signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into `Interrupted` for the ``with`` block (main thread only);
+    the previous handlers are restored at its end."""
+    previous = {signum: signal.signal(signum, _stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dask-em``; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_usage(parser, args)
     try:
-        return _run(args)
+        with stop_on_signals():
+            return _run(args)
     finally:
-        close_sessions()
+        if "dask_em.store" in sys.modules:  # object-store sessions were possibly opened
+            sys.modules["dask_em.store"].close_sessions()
+
+
+def _stopped(args: argparse.Namespace, stop: Interrupted) -> str:
+    """The line saying that the command was stopped by ``stop``, what it kept and how to
+    go on (called once the cluster is closed and the checkpoint's lock released)."""
+    from dask_em.checkpoint import describe
+
+    said = f"stopped by {stop.name}"
+    if args.command == "select" and args.checkpoint_dir:
+        return (
+            f"{said}; the last committed pass is kept: run the same command again to resume "
+            f"from {args.checkpoint_dir}"
+        )
+    if args.command not in ("fit", "select"):
+        return f"{said}; run the same command again to do the work anew"
+    if not args.checkpoint_dir:
+        return (
+            f"{said}; nothing was kept (no --checkpoint-dir): give --checkpoint-dir DIR to "
+            "make the next run resumable"
+        )
+    try:
+        state = describe(
+            args.checkpoint_dir, storage_options(getattr(args, "storage_option", None))
+        )
+    except UserError:  # no state committed yet, or none intact
+        state = None
+    if state is None:
+        return (
+            f"{said} before an iteration was saved; nothing was kept in {args.checkpoint_dir}; "
+            "run the same command again to start over"
+        )
+    return (
+        f"{said} after iteration {state['n_iter']}; run the same command again to resume "
+        f"from {args.checkpoint_dir}"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -1175,7 +1320,10 @@ def _run(args: argparse.Namespace) -> int:
     except UserError as err:
         print(f"dask-em {args.command}: error: {error_message(err, args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted as stop:
+        print(f"dask-em {args.command}: {_stopped(args, stop)}", file=sys.stderr, flush=True)
+        return STOP_SIGNALS[stop.signum]
+    except KeyboardInterrupt:  # not through `_stop` (a handler replaced meanwhile)
         print(f"dask-em {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

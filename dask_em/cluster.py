@@ -9,6 +9,9 @@ dying on a task (`killed_workers_reported`). `tls_security`
 builds the ``distributed.Security`` of a TLS connection (``tls://`` addresses).
 `slurm_cluster` and `connect_slurm` start the workers as SLURM jobs through
 dask-jobqueue's ``SLURMCluster`` (the ``slurm`` extra; imported here only, when used).
+`open_cluster` runs a block where `choose_cluster` says: ``'auto'`` picks Dask's threaded
+scheduler in this process (`threads`) for data small against this machine's memory, and
+the local cluster otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from dask_em.errors import ClusterError, ParameterError, invalid_parameter
@@ -612,3 +616,206 @@ def connect_slurm(jobs: int = 1, *, quiet: bool = False, **options: Any) -> Iter
                 flush=True,
             )
         yield client
+
+
+AUTO_THREADS_FRACTION = 0.25
+"""``cluster='auto'`` runs in threads when the data takes less than this fraction of the
+machine's memory (`choose_cluster`): its passes then cost less than starting worker
+processes and sending them the data (``benchmarks/small_jobs.py``)."""
+
+CLUSTER_KINDS = ("threads", "local", "scheduler", "slurm")
+"""Where `open_cluster` runs the work: Dask's threaded scheduler in this process, an
+embedded local cluster of worker processes, a running scheduler (address or file), or
+workers started as SLURM jobs."""
+
+
+@dataclass(frozen=True)
+class ClusterChoice:
+    """Where the work runs, and why (see `choose_cluster`).
+
+    Attributes
+    ----------
+    kind : str
+        One of `CLUSTER_KINDS`.
+    reason : str
+        Why, in one line (printed by `open_cluster` when ``'auto'`` chose).
+    chosen : bool
+        Whether ``'auto'`` chose by the size of the data (False when the arguments said).
+    """
+
+    kind: str
+    reason: str
+    chosen: bool = False
+
+
+def machine_memory() -> int:
+    """This machine's total memory, in bytes."""
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def choose_cluster(
+    cluster: str = "auto",
+    nbytes: float | None = None,
+    *,
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    local_options: bool = False,
+) -> ClusterChoice:
+    """Where to run work on ``nbytes`` of data.
+
+    ``'auto'`` picks a running scheduler when ``scheduler`` or ``scheduler_file`` is
+    given, a local cluster when ``local_options`` (its shape was given), else Dask's
+    threaded scheduler in this process when the data takes less than
+    `AUTO_THREADS_FRACTION` of the machine's memory, and a local cluster otherwise
+    (or when ``nbytes`` is unknown). Results are identical whichever runs them.
+
+    Parameters
+    ----------
+    cluster : {'auto', 'local', 'threads', 'slurm'}, default 'auto'
+    nbytes : float, optional
+        Size of the data the work reads (e.g. ``X.nbytes``).
+    scheduler, scheduler_file : optional
+        A running scheduler's address or scheduler file (`connect`).
+    local_options : bool
+        Whether the local cluster's shape (``n_workers``...) was given.
+
+    Returns
+    -------
+    ClusterChoice
+
+    Raises
+    ------
+    ParameterError
+        If ``cluster`` is not one of the above, or is ``'threads'`` or ``'slurm'`` with a
+        ``scheduler``/``scheduler_file``.
+    """
+    if cluster not in ("auto", "local", "threads", "slurm"):
+        raise invalid_parameter("cluster", cluster, "use 'auto', 'local', 'threads' or 'slurm'")
+    external = scheduler is not None or scheduler_file is not None
+    if external and cluster in ("threads", "slurm"):
+        raise ParameterError(
+            f"cluster={cluster!r} runs its own workers: drop {{scheduler}} and {{scheduler_file}}.",
+            parameter="scheduler",
+        )
+    if cluster == "threads":
+        return ClusterChoice("threads", "in-process threads")
+    if cluster == "slurm":
+        return ClusterChoice("slurm", "SLURM jobs")
+    if external:
+        where = scheduler if scheduler is not None else os.fspath(scheduler_file)  # type: ignore[arg-type]
+        return ClusterChoice("scheduler", f"the Dask scheduler at {where}")
+    if cluster == "local" or local_options:
+        return ClusterChoice("local", "a local cluster of worker processes")
+    memory = machine_memory()
+    share = f"{AUTO_THREADS_FRACTION:.0%} of this machine's {_size(memory)} of memory"
+    if nbytes is not None and nbytes < AUTO_THREADS_FRACTION * memory:
+        return ClusterChoice(
+            "threads", f"in-process threads: the data ({_size(nbytes)}) is under {share}", True
+        )
+    said = "of unknown size" if nbytes is None else f"({_size(nbytes)}) is not under {share}"
+    return ClusterChoice("local", f"a local cluster: the data {said}", True)
+
+
+@contextmanager
+def threads() -> Iterator[None]:
+    """Dask's threaded scheduler in this process for the ``with`` block, with BLAS limited
+    to one thread per Dask thread (threadpoolctl), as the workers of a local cluster are.
+
+    Yields
+    ------
+    None
+    """
+    import dask
+    from threadpoolctl import threadpool_limits
+
+    with dask.config.set(scheduler="threads"), threadpool_limits(limits=1):
+        yield
+
+
+@contextmanager
+def open_cluster(
+    cluster: str = "auto",
+    nbytes: float | None = None,
+    *,
+    quiet: bool = False,
+    scheduler: str | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = None,
+    security: Any = None,
+    jobs: int = 1,
+    **slurm_options: Any,
+) -> Iterator[ClusterChoice]:
+    """Run the ``with`` block where `choose_cluster` says: Dask's default scheduler is set
+    to it for the block, and what was started is stopped at its end.
+
+    Parameters
+    ----------
+    cluster : {'auto', 'local', 'threads', 'slurm'}, default 'auto'
+    nbytes : float, optional
+        Size of the data, for ``'auto'``.
+    quiet : bool
+        Print nothing (else: the choice of ``'auto'``, and what `connect` and
+        `connect_slurm` print).
+    scheduler, scheduler_file, n_workers, threads_per_worker, memory_limit, security
+        As `connect`.
+    jobs, **slurm_options
+        As `connect_slurm` (``cluster='slurm'`` only).
+
+    Yields
+    ------
+    ClusterChoice
+        What was chosen.
+
+    Raises
+    ------
+    ParameterError
+        As `choose_cluster`; also if local-cluster options are given with ``'threads'``
+        or ``'slurm'``.
+    ClusterError
+        As `connect` and `connect_slurm`.
+    """
+    local_options = any(v is not None for v in (n_workers, threads_per_worker, memory_limit))
+    choice = choose_cluster(
+        cluster,
+        nbytes,
+        scheduler=scheduler,
+        scheduler_file=scheduler_file,
+        local_options=local_options,
+    )
+    if choice.kind in ("threads", "slurm") and (local_options or security is not None):
+        raise ParameterError(
+            f"cluster={cluster!r} takes no {{memory_limit}} (nor n_workers, "
+            "threads_per_worker or security): they shape a local cluster.",
+            parameter="memory_limit",
+        )
+    if choice.chosen and not quiet:
+        print(f"running on {choice.reason}", file=sys.stderr, flush=True)
+    if choice.kind == "threads":
+        with threads():
+            yield choice
+    elif choice.kind == "slurm":
+        with connect_slurm(jobs, quiet=quiet, **slurm_options):
+            yield choice
+    else:
+        with connect(
+            scheduler,
+            scheduler_file,
+            n_workers,
+            threads_per_worker,
+            memory_limit,
+            quiet=quiet,
+            security=security,
+        ):
+            yield choice

@@ -16,13 +16,11 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from dask_em.choices import STORE_CHUNK_ROWS
 from dask_em.io import store_array
 from dask_em.kernels import chunk_rng
 from dask_em.params import GMMParams
 from dask_em.reduce import from_blocks, row_chunks
-
-STORE_CHUNK_ROWS = 250_000
-"""Default rows per chunk of a generated store (2 MB per chunk and feature in float64)."""
 
 
 def generate(

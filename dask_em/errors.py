@@ -30,6 +30,10 @@ class                          raised for
 `ClusterError`                 a Dask cluster that cannot be reached or used
 `IllDefinedCovarianceError`    a covariance that is not positive definite
 =============================  ====================================================
+
+`Interrupted` is not a user error: it is how the ``dask-em`` command stops a running
+command on SIGTERM or SIGINT (a `KeyboardInterrupt`, so ``finally`` blocks and context
+managers close clusters and release checkpoint locks on the way out).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ PYTHON_WORDS: dict[str, str] = {
     "checkpoint_dir": "checkpoint_dir",
     "chunk_rows": "chunk_rows",
     "cores": "cores",
+    "init_model": "init_model",
     "job_extra_directives": "job_extra_directives",
     "jobs": "jobs",
     "key": "key",
@@ -155,6 +160,34 @@ class IllDefinedCovarianceError(UserError):
     """A covariance is not positive definite (collapsed or too few samples)."""
 
     parameter = "reg_covar"
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM or SIGINT).
+
+    Raised in the main thread by the ``dask-em`` command's signal handler, wherever the
+    command is (a Dask ``compute`` waiting included), so the work unwinds as for Ctrl-C.
+    A `KeyboardInterrupt`, so that Dask and distributed cancel the running computation
+    as they do for Ctrl-C, and no ``except Exception`` turns it into another error.
+
+    Parameters
+    ----------
+    signum : int
+        The signal received.
+
+    Attributes
+    ----------
+    signum : int
+    name : str
+        The signal's name, e.g. ``'SIGTERM'``.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
 
 
 class DaskEMWarning(UserWarning):

@@ -67,10 +67,12 @@ RUN_SETTINGS = (
     "chunk_rows",
     "storage_options",
     "checkpoint_lock",
+    "init_model",
 )
 """Parameters that say how a fit runs, not what model it makes: `GaussianMixture.save`
 records them, `load_model` leaves them at their defaults (a loaded model refitted on new
-data must not resume another fit's checkpoint nor inherit another data's chunking)."""
+data must not resume another fit's checkpoint, start from another model nor inherit
+another data's chunking)."""
 
 
 def information_criteria(
@@ -85,6 +87,63 @@ def information_criteria(
     """
     total = -2.0 * mean_log_likelihood * n_samples
     return total + n_parameters * float(np.log(n_samples)), total + 2.0 * n_parameters
+
+
+def warm_start_run(
+    init_model: Any,
+    n_components: int,
+    covariance_type: str,
+    n_features: int,
+    storage_options: dict[str, Any] | None = None,
+) -> EMResult:
+    """The run a warm start from ``init_model`` continues: its parameters and lower bound.
+
+    Parameters
+    ----------
+    init_model : str, path or fitted GaussianMixture
+        A model written by `GaussianMixture.save` (path or URL, read with
+        ``storage_options``), or a fitted ``GaussianMixture`` (dask-em's or scikit-learn's).
+    n_components, covariance_type, n_features
+        The shape of the fit, which the model must have.
+
+    Returns
+    -------
+    EMResult
+        No iteration done yet; ``lower_bound`` is the model's (``-inf`` if unknown).
+
+    Raises
+    ------
+    ParameterError
+        If the model has another number of components, covariance type or features.
+    DataError
+        If the path is not a readable model.
+    """
+    if isinstance(init_model, str | os.PathLike):
+        params, attrs = read_model(init_model, storage_options)
+        bound = attrs.get("lower_bound")
+        lower_bound = float("-inf") if bound is None else float(bound)
+        name = f"{os.fspath(init_model)}"
+    else:
+        check_is_fitted(init_model)
+        params = GMMParams(
+            np.asarray(init_model.weights_, dtype=np.float64),
+            np.asarray(init_model.means_, dtype=np.float64),
+            np.asarray(init_model.covariances_, dtype=np.float64),
+            np.asarray(init_model.precisions_cholesky_, dtype=np.float64),
+            init_model.covariance_type,
+        )
+        lower_bound = float(getattr(init_model, "lower_bound_", float("-inf")))
+        name = f"(a fitted {type(init_model).__name__})"
+    shape = (params.n_components, params.covariance_type, params.n_features)
+    if shape != (n_components, covariance_type, n_features):
+        raise ParameterError(
+            f"{{init_model}} {name} has {shape[0]} {shape[1]!r} components on {shape[2]} "
+            f"features, but this fit has {{n_components}} {n_components}, covariance type "
+            f"{covariance_type!r} and {n_features} features; start from a model of the "
+            "same shape.",
+            parameter="init_model",
+        )
+    return EMResult(params, lower_bound=lower_bound)
 
 
 def _block_as(
@@ -124,7 +183,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     random_state : int, RandomState or None
         Seeds every random draw; results do not depend on the number of workers.
     warm_start : bool, default False
-        Continue from the fitted parameters on the next ``fit`` (``n_init`` is then 1).
+        Continue from the fitted parameters on the next ``fit`` (``n_init`` is then 1),
+        as scikit-learn: no initialization pass, and the first change is measured from
+        the fitted ``lower_bound_``.
+    init_model : str, path or fitted GaussianMixture, optional
+        Start EM from this model's parameters (warm start from a saved model): the path
+        or URL of a model written by `save`, or a fitted ``GaussianMixture`` (dask-em's or
+        scikit-learn's). One run, no initialization pass; ``n_init`` must be 1. The
+        model must have this ``n_components`` and ``covariance_type`` and the data's
+        number of features. Its parameters are part of a checkpoint's fingerprint, so a
+        checkpoint started from another model is refused. Once this estimator is fitted,
+        ``warm_start=True`` continues from its own parameters instead.
     verbose : int, default 0
         1 prints each initialization; 2 also prints a line every ``verbose_interval``
         iterations (iteration, lower bound, change, seconds), all on stderr.
@@ -222,6 +291,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         precisions_init: Any = None,
         random_state: Any = None,
         warm_start: bool = False,
+        init_model: Any = None,
         verbose: int = 0,
         verbose_interval: int = 10,
         checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -245,6 +315,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.precisions_init = precisions_init
         self.random_state = random_state
         self.warm_start = warm_start
+        self.init_model = init_model
         self.verbose = verbose
         self.verbose_interval = verbose_interval
         self.checkpoint_dir = checkpoint_dir
@@ -279,6 +350,12 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             raise bad("max_iter", "use an integer >= 0")
         if not is_int(self.n_init) or self.n_init < 1:
             raise bad("n_init", "use an integer >= 1")
+        if self.init_model is not None and self.n_init != 1:
+            raise ParameterError(
+                f"{{init_model}} starts one run from the model's parameters, so n_init "
+                f"must be 1 (got {self.n_init}); drop n_init or set it to 1.",
+                parameter="init_model",
+            )
         if self.init_params not in INITIALIZERS:
             raise bad("init_params", f"use one of {', '.join(INITIALIZERS)}")
         if self.acceleration not in ACCELERATIONS:
@@ -433,12 +510,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             n_features,
             self.covariance_type,
         )
+        start = self._start(n_features)
         data = RowData(Xd, self._as_sample_weight(sample_weight, Xd), self.split_every)
         check_chunk_memory(data.X)
-        checkpoint = self._checkpoint(data, inits)
+        checkpoint = self._checkpoint(data, inits, start)
         # a fit refused for its checkpoint's lock has not persisted anything
         with checkpoint.lock(restart=restart) if checkpoint is not None else nullcontext():
-            best, passes = self._run(data.persisted(self.cache), inits, checkpoint)
+            best, passes = self._run(data.persisted(self.cache), inits, checkpoint, start)
         self._set_fitted(best.params)
         self.converged_ = bool(best.converged)
         self.n_iter_ = int(best.n_iter)
@@ -463,11 +541,33 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             )
         return self
 
+    def _start(self, n_features: int) -> EMResult | None:
+        """The run a warm start continues (no initialization), or None to initialize.
+
+        ``warm_start`` on a fitted estimator continues from its parameters; else
+        ``init_model`` starts from the model's (checked to match this fit's shape).
+        """
+        if self.warm_start and hasattr(self, "converged_"):
+            return EMResult(self._params(), lower_bound=self.lower_bound_)
+        if self.init_model is None:
+            return None
+        return warm_start_run(
+            self.init_model,
+            self.n_components,
+            self.covariance_type,
+            n_features,
+            self.storage_options,
+        )
+
     def _run(
-        self, data: RowData, inits: tuple[Any, Any, Any], checkpoint: Checkpoint | None
+        self,
+        data: RowData,
+        inits: tuple[Any, Any, Any],
+        checkpoint: Checkpoint | None,
+        start: EMResult | None,
     ) -> tuple[EMResult, int]:
-        """Run (or resume) the initializations to the end; return the best and the passes made."""
-        do_init = not (self.warm_start and hasattr(self, "converged_"))
+        """Run (or resume) the initializations to the end, or the one run that continues
+        ``start`` (a warm start); return the best and the passes made."""
         loaded = checkpoint.load() if checkpoint is not None else None
         if loaded is not None:
             state, passes_before = loaded.state, loaded.n_passes
@@ -481,11 +581,10 @@ class GaussianMixture(DensityMixin, BaseEstimator):
                 print(f"Resuming {state.describe()} from {self.checkpoint_dir}", file=sys.stderr)
         else:
             random_state = check_random_state(self.random_state)
-            n_init = self.n_init if do_init else 1
+            n_init = self.n_init if start is None else 1
             seeds = tuple(int(random_state.randint(np.iinfo(np.int32).max)) for _ in range(n_init))
-            state, passes_before = FitState(seeds), 0
-            if not do_init:
-                state = FitState(seeds, (EMResult(self._params(), lower_bound=self.lower_bound_),))
+            state = FitState(seeds) if start is None else FitState(seeds, (start,))
+            passes_before = 0
 
         def start(seed: int) -> Steps[GMMParams]:
             if self.verbose >= 1:
@@ -525,8 +624,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         )
         return best, int(passes_before + data.n_passes)
 
-    def _checkpoint(self, data: RowData, inits: tuple[Any, Any, Any]) -> Checkpoint | None:
-        """The checkpoint of this fit, bound to the data and the hyper-parameters that shape it."""
+    def _checkpoint(
+        self, data: RowData, inits: tuple[Any, Any, Any], start: EMResult | None
+    ) -> Checkpoint | None:
+        """The checkpoint of this fit, bound to the data and the hyper-parameters that shape
+        it, the parameters a warm start begins with included."""
         if self.checkpoint_dir is None:
             return None
         hyper = {
@@ -545,6 +647,11 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         }
         if self.missing is not None:  # absent for None: checkpoints of earlier versions resume
             hyper["missing"] = self.missing
+        if start is not None:  # absent for a cold start, as for ``missing``
+            p = start.params
+            hyper["init_model"] = content_hash(
+                p.weights, p.means, p.covariances, p.precisions_cholesky
+            )[:16]
         fingerprint = {
             "data": data_fingerprint(data.X, data.sample_weight, data.row_starts),
             "hyper_parameters": hyper,
@@ -734,7 +841,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         params = self._params()
         hyper = {
             k: v
-            for k, v in self.get_params().items()
+            for k, v in self.get_params(deep=False).items()
             if isinstance(v, bool | int | float | str) or v is None
         }
         if not isinstance(self.random_state, int | type(None)):

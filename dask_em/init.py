@@ -67,14 +67,6 @@ LLOYD_MAX_PASSES = 10
 LLOYD_TOL = 1e-3
 """Lloyd passes stop once the inertia falls by less than this fraction in one pass."""
 
-CLI_N_INIT = 3
-"""Initializations the ``dask-em`` command and its demo use by default (sharing passes).
-
-Measured with ``benchmarks/fit_quality.py`` (24 mixtures x 3 seeds): 3 candidates are
-clearly worse than scikit-learn's best of 10 in 2.8% of fits (one initialization:
-12.5%) at the same median passes (11), since the candidates share every pass and the
-slowest one sets the count."""
-
 _LOCAL_LLOYD_ITER = 100
 
 

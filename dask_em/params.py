@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from dask_em.choices import COVARIANCE_TYPES
 from dask_em.errors import DataError, IllDefinedCovarianceError, ParameterError, invalid_parameter
 
 
@@ -90,7 +91,6 @@ COVARIANCE: dict[str, CovarianceType] = {
 }
 """The covariance types and their facts, by name: the one place that knows them."""
 
-COVARIANCE_TYPES: tuple[str, ...] = tuple(COVARIANCE)
 
 PARAM_ARRAYS: tuple[str, ...] = ("weights", "means", "covariances", "precisions_cholesky")
 """The array fields of `GMMParams`, in order: what models and checkpoints store."""

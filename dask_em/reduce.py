@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import functools
 import operator
+import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -111,10 +112,10 @@ def _distributed_client() -> Any:
     None also when a client exists but another scheduler is in force (e.g. inside
     ``dask.config.set(scheduler="threads")``).
     """
-    try:
-        from distributed import Client
-    except ImportError:
+    if "distributed" not in sys.modules:  # no client can exist: do not import it for nothing
         return None
+    from distributed import Client
+
     owner = getattr(dask.base.get_scheduler(), "__self__", None)
     return owner if isinstance(owner, Client) else None
 

@@ -30,6 +30,7 @@ from sklearn.utils import check_random_state
 
 from dask_em import kernels
 from dask_em.checkpoint import Checkpoint, data_fingerprint
+from dask_em.choices import CRITERIA
 from dask_em.em import EMResult, FitState, Iteration, better, fit_restarts
 from dask_em.errors import DataError, ParameterError, invalid_parameter
 from dask_em.estimator import GaussianMixture, information_criteria
@@ -37,9 +38,6 @@ from dask_em.init import initialize
 from dask_em.params import GMMParams, n_parameters
 from dask_em.passes import Steps
 from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, check_chunk_memory
-
-CRITERIA = ("bic", "aic")
-"""The information criteria `select` can minimize."""
 
 
 @dataclass(frozen=True)

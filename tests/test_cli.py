@@ -37,7 +37,7 @@ from cli_helpers import (
 )
 
 from dask_em import load_model
-from dask_em.init import CLI_N_INIT
+from dask_em.choices import CLI_N_INIT
 
 N_SAMPLES, N_FEATURES, N_COMPONENTS = 20_000, 3, 3
 SUMMARY_KEYS = {
