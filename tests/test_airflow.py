@@ -140,17 +140,28 @@ def test_two_nights_publish_models_and_the_second_starts_from_the_first(
     airflow: Airflow, tmp_path: Path
 ) -> None:
     """Both runs succeed; each publishes ``models/DS.zarr`` with its record, labels and
-    the ``latest.json`` pointer; the second night's fit starts from the first night's
-    model (its first lower bound is that model's score on the second night's data) and
-    needs fewer passes than a cold fit of the same data."""
+    the ``latest.json`` pointer; the first night's fit resumes from the checkpoint an
+    interrupted attempt left (as a retried task does); the second night's fit starts
+    from the first night's model (its first lower bound is that model's score on the
+    second night's data) and needs fewer passes than a cold fit of the same data."""
     source, out = tmp_path / "events", tmp_path / "out"
     for seed, ds in enumerate(NIGHTS):
         write_night(source, ds, seed)
     settings = {"source": str(source), "root": str(out), "n_components": "3"}
+    # an earlier attempt of the first night: ingested, and one iteration committed
+    data = out / "data" / f"{NIGHTS[0]}.zarr"
+    ingest = ["ingest", source, data, "--partition", f"dt={NIGHTS[0]}", "--quiet"]
+    assert_ok(run_cli(*ingest))
+    checkpoint = out / "checkpoints" / NIGHTS[0]
+    partial = ["fit", data, "--n-components", "3", "--checkpoint-dir", checkpoint]
+    assert_ok(run_cli(*partial, "--max-iter", "1", "--output", tmp_path / "m.zarr", "--quiet"))
     for ds in NIGHTS:
         run = airflow.night(ds, **settings)
         assert run.returncode == 0, run.stdout
         assert f"DagRun Finished: dag_id=dask_em_nightly, logical_date={ds}" in run.stdout
+        if ds == NIGHTS[0]:
+            assert "is already in the store, unchanged; skipped" in run.stdout
+            assert "Resuming" in run.stdout and str(checkpoint) in run.stdout
 
     first, second = (out / "models" / f"{ds}.zarr" for ds in NIGHTS)
     latest = json.loads((out / "models" / "latest.json").read_text())
