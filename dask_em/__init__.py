@@ -4,7 +4,7 @@ The public API is `GaussianMixture` (scikit-learn compatible), `load_model` and
 `EmptyComponentWarning` (a component was re-seeded, see `dask_em.reseed`).
 
 `GaussianMixture` and `load_model` are imported on first use (module ``__getattr__``),
-so that ``import dask_em.cli`` (the ``dask-em`` command's ``--help`` and usage errors)
+so that ``import dask_em.cli`` (the ``dask-em`` command's help and usage errors)
 does not import scikit-learn, Zarr and distributed.
 """
 

@@ -1,7 +1,7 @@
 """The names of the choices dask-em accepts, and the defaults its command shows.
 
 A module that imports nothing, so that the ``dask-em`` argument parser (choices and
-defaults in ``--help``) builds without importing NumPy, Dask or scikit-learn: ``--help``
+defaults in its help) builds without importing NumPy, Dask or scikit-learn: the help
 and usage errors answer at once. The modules that implement the choices import their
 names from here (`dask_em.params`, `dask_em.init`, `dask_em.select`,
 `dask_em.datasets`); a test checks that each registry holds exactly these names.

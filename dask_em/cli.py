@@ -39,7 +39,13 @@ from dask_em.choices import (
     INIT_PARAMS,
     STORE_CHUNK_ROWS,
 )
-from dask_em.errors import DataError, IllDefinedCovarianceError, Interrupted, UserError
+from dask_em.errors import (
+    DataError,
+    IllDefinedCovarianceError,
+    Interrupted,
+    UserError,
+    hold_stop,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -1192,7 +1198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
-        "demo", help="generate, fit (checkpointed), predict and report on a local cluster"
+        "demo", help="generate, fit (checkpointed), predict and report (where --cluster says)"
     )
     p.add_argument(
         "--workdir",
@@ -1250,7 +1256,8 @@ def _stop(signum: int, frame: Any) -> None:
         signal.signal(other, signal.SIG_IGN)
     for name in ("asyncio", "distributed", "tornado"):
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
-    raise Interrupted(signum)
+    if not hold_stop(signum):  # else raised once the step under way is done
+        raise Interrupted(signum)
 
 
 @contextmanager

@@ -26,11 +26,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from dask_em.errors import ClusterError, ParameterError, invalid_parameter
+from dask_em.errors import ClusterError, ParameterError, invalid_parameter, stop_deferred
 
 CONNECT_TIMEOUT = "20s"
 
@@ -396,15 +396,23 @@ def connect(
         ):
             yield client
         return
-    cluster = local_cluster(
-        n_workers,
-        threads_per_worker,
-        memory_limit,
-        # A task's exception reaches the caller, which reports it once; the workers'
-        # "Compute Failed" ERROR logs would repeat it on stderr with a traceback.
-        silence_logs=logging.CRITICAL,
-    )
-    with cluster, Client(cluster, set_as_default=True) as client, killed_workers_reported():
+    with ExitStack() as started:
+        # a stop by signal waits until the cluster is up and owned by this block, which
+        # then closes it: one cut short mid-start could not be closed
+        with stop_deferred():
+            cluster = started.enter_context(
+                local_cluster(
+                    n_workers,
+                    threads_per_worker,
+                    memory_limit,
+                    # A task's exception reaches the caller, which reports it once; the
+                    # workers' "Compute Failed" ERROR logs would repeat it on stderr with
+                    # a traceback.
+                    silence_logs=logging.CRITICAL,
+                )
+            )
+            client = started.enter_context(Client(cluster, set_as_default=True))
+            started.enter_context(killed_workers_reported())
         client.register_plugin(_object_store_sessions())
         if not quiet:
             workers = len(cluster.workers)
@@ -786,7 +794,9 @@ def open_cluster(
     ClusterError
         As `connect` and `connect_slurm`.
     """
-    local_options = any(v is not None for v in (n_workers, threads_per_worker, memory_limit))
+    # ``security`` without a scheduler goes to `connect`, which says what it is for
+    given = (n_workers, threads_per_worker, memory_limit, security)
+    local_options = any(v is not None for v in given)
     choice = choose_cluster(
         cluster,
         nbytes,
@@ -794,7 +804,7 @@ def open_cluster(
         scheduler_file=scheduler_file,
         local_options=local_options,
     )
-    if choice.kind in ("threads", "slurm") and (local_options or security is not None):
+    if choice.kind in ("threads", "slurm") and local_options:
         raise ParameterError(
             f"cluster={cluster!r} takes no {{memory_limit}} (nor n_workers, "
             "threads_per_worker or security): they shape a local cluster.",

@@ -33,13 +33,15 @@ class                          raised for
 
 `Interrupted` is not a user error: it is how the ``dask-em`` command stops a running
 command on SIGTERM or SIGINT (a `KeyboardInterrupt`, so ``finally`` blocks and context
-managers close clusters and release checkpoint locks on the way out).
+managers close clusters and release checkpoint locks on the way out); `stop_deferred`
+holds it back over a step that must not be cut short (starting a cluster).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 PYTHON_WORDS: dict[str, str] = {
@@ -188,6 +190,37 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
         self.name = signal.Signals(signum).name
         super().__init__(f"stopped by {self.name}")
+
+
+class _StopHold:
+    """The state of `stop_deferred` blocks (main thread, where signal handlers run)."""
+
+    depth = 0
+    pending: int | None = None
+
+
+def hold_stop(signum: int) -> bool:
+    """For a signal handler about to raise `Interrupted`: whether a `stop_deferred` block
+    is running, in which case the stop is recorded and raised at the block's end."""
+    if _StopHold.depth == 0:
+        return False
+    _StopHold.pending = signum
+    return True
+
+
+@contextmanager
+def stop_deferred() -> Iterator[None]:
+    """Hold back a stop by signal (see `hold_stop`) until the ``with`` block ends, then
+    raise it as `Interrupted`: for steps that must not be cut short (starting a cluster,
+    whose half-made state nothing could close)."""
+    _StopHold.depth += 1
+    try:
+        yield
+    finally:
+        _StopHold.depth -= 1
+    if _StopHold.depth == 0 and _StopHold.pending is not None:
+        signum, _StopHold.pending = _StopHold.pending, None
+        raise Interrupted(signum)
 
 
 class DaskEMWarning(UserWarning):

@@ -107,3 +107,13 @@ def test_model_selection_shares_passes_and_matches_separate_fits() -> None:
     assert shared < separate, out
     diff = float(re.search(r"select vs separate fits: (\S+)", out).group(1))
     assert diff <= 1e-12, out
+
+
+def test_small_jobs_times_the_command_against_a_sklearn_script() -> None:
+    out = run("small_jobs.py")
+    assert re.search(r"^dask-em --help [\d.]+ s\s+usage error [\d.]+ s$", out, re.M), out
+    fits = re.findall(
+        r"^\s+4,000\s+dask-em fit \((\w+)\)\s+[\d.]+\s+\d+\s+\d+\s+[\d.]+x$", out, re.M
+    )
+    assert fits == ["threads"], out  # auto chose threads for 4000 rows
+    assert re.search(r"^\s+4,000\s+scikit-learn script\s+[\d.]+\s+\d+", out, re.M), out
