@@ -140,6 +140,44 @@ _non_negative_int = _bounded(int, 0, "an integer >= 0")
 _non_negative_float = _bounded(float, 0.0, "a finite number >= 0")
 
 
+def _add_em_options(p: argparse.ArgumentParser) -> None:
+    """``--tol``, ``--max-iter`` and ``--reg-covar`` (fit and select)."""
+    p.add_argument(
+        "--tol",
+        type=_non_negative_float,
+        default=1e-3,
+        help="converged when the mean log-likelihood changes by less (default 1e-3)",
+    )
+    p.add_argument(
+        "--max-iter", type=_non_negative_int, default=100, help="most EM iterations (default 100)"
+    )
+    p.add_argument(
+        "--reg-covar",
+        type=_non_negative_float,
+        default=1e-6,
+        help="added to the diagonal of every covariance (default 1e-6)",
+    )
+
+
+def _add_checkpoint_options(p: argparse.ArgumentParser, every: str) -> None:
+    """``--checkpoint-dir`` (a state saved every ``every``) and ``--restart``."""
+    p.add_argument(
+        "--checkpoint-dir", metavar="DIR", help=f"save state every {every}; rerun to resume"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoint of --checkpoint-dir and start over",
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--quiet``, ``--storage-option`` and where the work runs (`_add_cluster_options`)."""
+    _add_quiet_option(p)
+    _add_storage_option(p)
+    _add_cluster_options(p)
+
+
 def _add_cluster_options(p: argparse.ArgumentParser, default: str = "auto") -> None:
     g = p.add_argument_group(
         "cluster (default: threads for data small against this machine's memory, else a "
@@ -941,9 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds the true parameters and the rows (default 0)",
     )
     _add_store_chunk_rows_option(p)
-    _add_quiet_option(p)
-    _add_storage_option(p)
-    _add_cluster_options(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fit", help="fit a Gaussian mixture to a Zarr array")
@@ -958,21 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="full",
         help="form of the covariances (default full)",
     )
-    p.add_argument(
-        "--tol",
-        type=_non_negative_float,
-        default=1e-3,
-        help="converged when the mean log-likelihood changes by less (default 1e-3)",
-    )
-    p.add_argument(
-        "--max-iter", type=_non_negative_int, default=100, help="most EM iterations (default 100)"
-    )
-    p.add_argument(
-        "--reg-covar",
-        type=_non_negative_float,
-        default=1e-6,
-        help="added to the diagonal of every covariance (default 1e-6)",
-    )
+    _add_em_options(p)
     p.add_argument(
         "--init-params",
         choices=INIT_PARAMS,
@@ -1001,14 +1023,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--acceleration", choices=["squarem"], help="SQUAREM extrapolation (fewer passes)"
     )
-    p.add_argument(
-        "--checkpoint-dir", metavar="DIR", help="save state every iteration; rerun to resume"
-    )
-    p.add_argument(
-        "--restart",
-        action="store_true",
-        help="discard the checkpoint of --checkpoint-dir and start over",
-    )
+    _add_checkpoint_options(p, "iteration")
     p.add_argument(
         "--missing",
         choices=["em"],
@@ -1021,7 +1036,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_quiet_option(p)
-    _add_storage_option(p)
     _add_cluster_options(p)
     p.set_defaults(func=cmd_fit)
 
@@ -1050,21 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", required=True, metavar="BEST.zarr", help="where to write the best model"
     )
-    p.add_argument(
-        "--tol",
-        type=_non_negative_float,
-        default=1e-3,
-        help="converged when the mean log-likelihood changes by less (default 1e-3)",
-    )
-    p.add_argument(
-        "--max-iter", type=_non_negative_int, default=100, help="most EM iterations (default 100)"
-    )
-    p.add_argument(
-        "--reg-covar",
-        type=_non_negative_float,
-        default=1e-6,
-        help="added to the diagonal of every covariance (default 1e-6)",
-    )
+    _add_em_options(p)
     p.add_argument(
         "--n-init",
         type=_positive_int,
@@ -1077,12 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="random seed; each candidate draws its seeds from it as fit does (default 0)",
     )
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="save state every pass; rerun to resume")
-    p.add_argument(
-        "--restart",
-        action="store_true",
-        help="discard the checkpoint of --checkpoint-dir and start over",
-    )
+    _add_checkpoint_options(p, "pass")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     _add_quiet_option(p)
     _add_cluster_options(p)
@@ -1095,9 +1090,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proba", action="store_true", help="write responsibilities (n, K) instead of labels"
     )
-    _add_quiet_option(p)
-    _add_storage_option(p)
-    _add_cluster_options(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -1108,17 +1101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output", required=True, metavar="OUT.zarr", help="where to write the imputed data"
     )
-    _add_quiet_option(p)
-    _add_storage_option(p)
-    _add_cluster_options(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_impute)
 
     p = sub.add_parser("score", help="JSON: mean log-likelihood, bic, aic, n_samples")
     p.add_argument("model", metavar="MODEL.zarr", help="a model written by fit")
     _add_data_options(p)
-    _add_quiet_option(p)
-    _add_storage_option(p)
-    _add_cluster_options(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
