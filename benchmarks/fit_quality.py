@@ -24,10 +24,11 @@ counted, so scikit-learn's count is a lower bound.
 dask-em fits run on Dask's threaded scheduler on in-memory data.
 
     python benchmarks/fit_quality.py                    # 24 mixtures x 3 seeds
-    OPENBLAS_NUM_THREADS=1 python benchmarks/fit_quality.py --processes 3   # 5 minutes
+    OPENBLAS_NUM_THREADS=1 python benchmarks/fit_quality.py --processes 3   # 5-20 minutes
 
-The full study takes about 5 minutes on 2 busy cores with ``--processes 3`` and one
-BLAS thread per process (one process with threaded BLAS took 50 minutes there); the
+The full study takes 5 to 20 minutes on 2 cores, as busy as other jobs keep them, with
+``--processes 3`` and one BLAS thread per process (one process with threaded BLAS took
+50 minutes there); the
 issue's 50 mixtures are cut to 24 (6 per overlap level) to stay within minutes.
     python benchmarks/fit_quality.py --mixtures 8 --seeds 0   # quick look
     python benchmarks/fit_quality.py --small            # seconds (tests)

@@ -6,15 +6,15 @@ and the row reads it needs, so ``n_init`` initializations can share every pass.
 ========================  =======================================================  ==========
 ``init_params``           what it does                                             passes
 ========================  =======================================================  ==========
-``'kmeans'``              k-means‖ seeding (``KMEANS_ROUNDS`` rounds of            3 + ≤ 10
+``'kmeans'``              k-means‖ seeding (``KMEANS_ROUNDS`` rounds of            3
                           ``OVERSAMPLING * K`` rows sampled by squared distance,
-                          then the candidates' weights), the best of
-                          ``CANDIDATE_RESTARTS`` greedy k-means++ + Lloyd runs on
-                          the weighted candidates in memory, then Lloyd passes
-                          over the data until the inertia falls by less than
-                          ``LLOYD_TOL`` (at most ``LLOYD_MAX_PASSES``);
-                          parameters from the final hard assignment (as
-                          scikit-learn's ``'kmeans'``)
+                          then one pass weighting the candidates and drawing a
+                          uniform sample of ``SAMPLE_ROWS_PER_COMPONENT * K``
+                          rows); in memory, ``CANDIDATE_RESTARTS`` greedy
+                          k-means++ + Lloyd runs on the weighted candidates,
+                          each distinct outcome a start for EM on the sample
+                          (`best_on_sample`); the mixture of highest
+                          likelihood on the sample is the start
 ``'k-means++'``           k-means++ seeds (one pass per seed); means at the        K
                           seeds, covariances ``reg_covar * I``
 ``'random'``              uniformly random responsibilities per row                1
@@ -23,7 +23,11 @@ and the row reads it needs, so ``n_init`` initializations can share every pass.
 ========================  =======================================================  ==========
 
 Every random draw comes from generators seeded by ``(seed, purpose, chunk index)``, so
-the result does not depend on the number of workers or on timing. Weights are always
+the result does not depend on the number of workers or on timing. The ``'kmeans'``
+sample is drawn by sample weight (uniformly without one) and fitted unweighted; it is
+capped at ``SAMPLE_MAX_ROWS`` rows. Should every start have an ill-defined covariance
+on the sample (e.g. ``reg_covar=0``), one more pass assigns the rows to the k-means
+centers of least inertia and the parameters are those of that hard assignment. Weights are always
 normalized to sum to one (scikit-learn leaves them at ``1/n`` each for
 ``'k-means++'``/``'random_from_data'``, which only shifts the first lower bound).
 User-given ``weights_init``, ``means_init`` and ``precisions_init`` replace what the
@@ -34,7 +38,7 @@ rows without NaN only: every pass runs through `dask_em.init_kernels.on_complete
 (rows with NaN weigh 0, and so are never sampled as seeds), and a row read by index
 (the first k-means‖ center, the shift of ``'random'``, the rows of
 ``'random_from_data'``) that holds NaN is replaced by rows sampled uniformly among the
-complete ones, at the cost of one more pass (`_complete`). On data without NaN this is
+complete ones, at the cost of one more pass (`Problem.rows`). On data without NaN this is
 exactly the plain start. With no complete row at all, `DataError` asks for the three
 ``*_init`` arrays.
 """
@@ -42,14 +46,15 @@ exactly the plain start. With no complete row at all, `DataError` asks for the t
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from dask_em import init_kernels, kernels
-from dask_em.errors import DataError, invalid_parameter
+from dask_em.errors import DataError, IllDefinedCovarianceError, invalid_parameter
 from dask_em.params import GMMParams, covariance_kind, covariance_shape
 from dask_em.passes import Pass, Rows, Steps
-from dask_em.stats import SuffStats, m_step
+from dask_em.stats import m_step
 
 KMEANS_ROUNDS = 2
 """k-means‖ sampling rounds (one pass each)."""
@@ -59,36 +64,77 @@ OVERSAMPLING = 16
 
 CANDIDATE_RESTARTS = 10
 """In-memory k-means restarts (greedy k-means++ then Lloyd) on the weighted k-means‖
-candidates; the one of least weighted inertia is kept. They cost no pass."""
+candidates; each distinct outcome is a candidate start for `sample_em`."""
 
-LLOYD_MAX_PASSES = 10
-"""Most Lloyd passes over the data."""
+SAMPLE_ROWS_PER_COMPONENT = 1024
+"""Rows per component of the uniform sample held in memory (at most `SAMPLE_MAX_ROWS`)."""
 
-LLOYD_TOL = 1e-3
-"""Lloyd passes stop once the inertia falls by less than this fraction in one pass."""
+SAMPLE_MAX_ROWS = 50_000
+"""Most rows of the in-memory sample."""
+
+SAMPLE_EM_TOL = 1e-3
+"""EM on the sample stops once its lower bound changes by less than this."""
+
+SAMPLE_EM_MAX_ITER = 100
+"""Most EM iterations on the sample, per candidate start."""
 
 _LOCAL_LLOYD_ITER = 100
 
 
-def _scaled_identity(
-    covariance_type: str, n_components: int, n_features: int, value: float
-) -> np.ndarray:
-    """Covariances equal to ``value * I`` for every component."""
-    shape = covariance_shape(covariance_type, n_components, n_features)
-    if covariance_kind(covariance_type).matrix:
-        return np.broadcast_to(np.eye(n_features) * value, shape).copy()
-    return np.full(shape, value, dtype=np.float64)
+@dataclass(frozen=True)
+class Problem:
+    """What every initializer is given: the data's ``shape``, ``(n_samples, n_features)``,
+    and the parameters of `initialize` of the same names."""
 
+    shape: tuple[int, int]
+    n_components: int
+    covariance_type: str
+    reg_covar: float
+    seed: int
+    complete_rows: bool = False
 
-def _at_points(points: np.ndarray, covariance_type: str, reg_covar: float) -> GMMParams:
-    """Equal weights, means at ``points`` (K, D), covariances ``reg_covar * I``."""
-    n_components, n_features = points.shape
-    return GMMParams.from_covariances(
-        np.full(n_components, 1.0 / n_components),
-        points,
-        _scaled_identity(covariance_type, n_components, n_features, reg_covar),
-        covariance_type,
-    )
+    @property
+    def n_features(self) -> int:
+        return self.shape[1]
+
+    def rng(self) -> np.random.Generator:
+        """The generator of the in-memory draws (seeded by ``(seed, 0)``)."""
+        return kernels.chunk_rng(self.seed, 0)
+
+    def pass_of(self, chunk_fn: Callable[..., object], *args: object) -> Pass:
+        """The pass of ``chunk_fn``, on the complete rows only when ``complete_rows``."""
+        if self.complete_rows:
+            return Pass(init_kernels.on_complete_rows, (chunk_fn, *args))
+        return Pass(chunk_fn, args)
+
+    def rows(self, index: np.ndarray) -> Steps[np.ndarray]:
+        """The rows at ``index``; with ``complete_rows``, if one of them holds NaN, as
+        many rows drawn uniformly (without replacement) among the complete rows, the
+        last repeated when there are fewer (one more pass)."""
+        rows = yield Rows(index)
+        if not self.complete_rows or not np.isnan(rows).any():
+            return rows
+        sample = yield self.pass_of(
+            init_kernels.sample_by_distance_chunk, self.no_centers(), len(index), self.seed, 99
+        )
+        if sample.rows.shape[0] == 0:
+            raise _no_complete_row()
+        picked = sample.rows[np.argsort(sample.index, kind="stable")]
+        return np.vstack([picked, np.repeat(picked[-1:], len(index) - len(picked), axis=0)])
+
+    def at_points(self, points: np.ndarray) -> GMMParams:
+        """Equal weights, means at ``points`` (K, D), covariances ``reg_covar * I``."""
+        shape = covariance_shape(self.covariance_type, self.n_components, self.n_features)
+        if covariance_kind(self.covariance_type).matrix:
+            cov = np.broadcast_to(np.eye(self.n_features) * self.reg_covar, shape).copy()
+        else:
+            cov = np.full(shape, self.reg_covar, dtype=np.float64)
+        weights = np.full(self.n_components, 1.0 / self.n_components)
+        return GMMParams.from_covariances(weights, points, cov, self.covariance_type)
+
+    def no_centers(self) -> np.ndarray:
+        """No centers, shape (0, D): sampling by them is sampling by weight alone."""
+        return np.empty((0, self.n_features))
 
 
 def _sq_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -96,36 +142,11 @@ def _sq_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return np.sum((centers[:, None, :] - points[None, :, :]) ** 2, axis=2)
 
 
-def _pass(complete_rows: bool, chunk_fn: Callable[..., object], *args: object) -> Pass:
-    """The pass of ``chunk_fn``, on the complete rows only when ``complete_rows``."""
-    if complete_rows:
-        return Pass(init_kernels.on_complete_rows, (chunk_fn, *args))
-    return Pass(chunk_fn, args)
-
-
 def _no_complete_row() -> DataError:
     return DataError(
         "no row of the data is complete (every row holds NaN), so no start can be drawn "
         "from the data: give weights_init, means_init and precisions_init."
     )
-
-
-def _complete(
-    index: np.ndarray, n_features: int, seed: int, complete_rows: bool
-) -> Steps[np.ndarray]:
-    """The rows at ``index``; with ``complete_rows``, if one of them holds NaN, as many
-    rows drawn uniformly (without replacement, by ``seed``) among the complete rows, the
-    last repeated when there are fewer (one more pass)."""
-    rows = yield Rows(index)
-    if not complete_rows or not np.isnan(rows).any():
-        return rows
-    empty = np.empty((0, n_features))
-    sample = yield _pass(True, init_kernels.sample_by_distance_chunk, empty, len(index), seed, 99)
-    if sample.rows.shape[0] == 0:
-        raise _no_complete_row()
-    order = np.argsort(sample.index, kind="stable")
-    picked = sample.rows[order]
-    return np.vstack([picked, np.repeat(picked[-1:], len(index) - len(picked), axis=0)])
 
 
 def greedy_kmeans_plusplus(
@@ -205,131 +226,169 @@ def weighted_lloyd(
     return centers, float(weights @ d2)
 
 
-def _weighted_kmeans(
+def kmeans_restarts(
     points: np.ndarray, weights: np.ndarray, n_clusters: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Best of `CANDIDATE_RESTARTS` k-means runs on a small weighted point set.
+) -> list[np.ndarray]:
+    """The distinct outcomes of `CANDIDATE_RESTARTS` k-means runs on weighted points.
 
-    Each run is `greedy_kmeans_plusplus` then `weighted_lloyd`; the one of least
-    weighted inertia is kept (the first on ties).
+    Each run is `greedy_kmeans_plusplus` then `weighted_lloyd`; runs that end at the
+    same centers (in any order) count once. Sorted by weighted inertia, least first
+    (the earlier run on ties).
 
     Parameters
     ----------
     points : ndarray of shape (m, D)
     weights : ndarray of shape (m,)
+        Non-negative (all zero is read as all one).
     n_clusters : int
     rng : numpy.random.Generator
 
     Returns
     -------
-    centers : ndarray of shape (n_clusters, D)
+    list of ndarray of shape (n_clusters, D)
     """
     if not weights.sum() > 0:
         weights = np.ones(points.shape[0])
-    best, best_inertia = points[:0], np.inf
-    for _ in range(CANDIDATE_RESTARTS):
+    found: dict[bytes, tuple[float, int, np.ndarray]] = {}
+    for run in range(CANDIDATE_RESTARTS):
         seeds = greedy_kmeans_plusplus(points, weights, n_clusters, rng)
         centers, inertia = weighted_lloyd(points, weights, seeds)
-        if inertia < best_inertia:
-            best, best_inertia = centers, inertia
-    return best if best.shape[0] else seeds
+        key = centers[np.lexsort(centers.T[::-1])].tobytes()
+        found.setdefault(key, (inertia, run, centers))
+    return [centers for _, _, centers in sorted(found.values(), key=lambda f: f[:2])]
 
 
-def init_kmeans(
-    shape: tuple[int, int],
-    n_components: int,
-    covariance_type: str,
-    reg_covar: float,
-    seed: int,
-    complete_rows: bool = False,
-) -> Steps[GMMParams]:
-    """k-means‖ seeding, k-means on the candidates in memory, then Lloyd passes until the
-    inertia settles; parameters of the final hard assignment."""
-    n_samples, n_features = shape
-    rng = kernels.chunk_rng(seed, 0)
-    centers = yield from _complete(rng.integers(n_samples, size=1), n_features, seed, complete_rows)
+def sample_em(
+    sample: np.ndarray, start: GMMParams, reg_covar: float, max_iter: int
+) -> tuple[GMMParams, float]:
+    """Plain EM on rows held in memory until the lower bound changes by less than
+    `SAMPLE_EM_TOL` (at most ``max_iter`` iterations).
+
+    Parameters
+    ----------
+    sample : ndarray of shape (m, D)
+    start : GMMParams
+    reg_covar : float
+    max_iter : int
+
+    Returns
+    -------
+    params : GMMParams
+        After the last M-step.
+    lower_bound : float
+        Mean log-likelihood of ``sample`` before that M-step.
+    """
+    params, lower_bound = start, -np.inf
+    for _ in range(max_iter):
+        stats = kernels.em_chunk(sample, None, 0, 0, params)
+        previous, lower_bound = lower_bound, stats.mean_loglik
+        params = m_step(stats, params.means, reg_covar, params.covariance_type)
+        if abs(lower_bound - previous) < SAMPLE_EM_TOL:
+            break
+    return params, lower_bound
+
+
+def best_on_sample(
+    sample: np.ndarray, starts: list[np.ndarray], covariance_type: str, reg_covar: float
+) -> GMMParams | None:
+    """The mixture of highest likelihood EM reaches on ``sample`` from ``starts``.
+
+    Each start (centers) gives parameters from the hard assignment of the sample to its
+    closest center, then `sample_em` (at most `SAMPLE_EM_MAX_ITER` iterations); the
+    result of the highest lower bound is kept (the first on ties). A start whose
+    covariances become ill-defined on the sample is dropped.
+
+    Parameters
+    ----------
+    sample : ndarray of shape (m, D)
+    starts : list of ndarray of shape (K, D)
+    covariance_type : {'full', 'tied', 'diag', 'spherical'}
+    reg_covar : float
+
+    Returns
+    -------
+    GMMParams or None
+        None when every start was dropped.
+    """
+    best, best_lower_bound = None, -np.inf
+    for centers in starts:
+        try:
+            stats = init_kernels.hard_assign_chunk(sample, None, 0, 0, centers, covariance_type)
+            start = m_step(stats, centers, reg_covar, covariance_type)
+            params, lower_bound = sample_em(sample, start, reg_covar, SAMPLE_EM_MAX_ITER)
+        except IllDefinedCovarianceError:
+            continue
+        if best is None or lower_bound > best_lower_bound:
+            best, best_lower_bound = params, lower_bound
+    return best
+
+
+def init_kmeans(problem: Problem) -> Steps[GMMParams]:
+    """k-means‖ seeding, k-means restarts on the candidates, EM on a uniform sample."""
+    p = problem
+    n_samples, n_features = p.shape
+    rng = p.rng()
+    centers = yield from p.rows(rng.integers(n_samples, size=1))
     for round_ in range(KMEANS_ROUNDS):
-        sample = yield _pass(
-            complete_rows,
+        sample = yield p.pass_of(
             init_kernels.sample_by_distance_chunk,
             centers,
-            OVERSAMPLING * n_components,
-            seed,
+            OVERSAMPLING * p.n_components,
+            p.seed,
             round_,
         )
         centers = np.vstack([centers, sample.rows])
-    counts = yield _pass(complete_rows, init_kernels.closest_count_chunk, centers)
-    centers = _weighted_kmeans(centers, counts, n_components, rng)
-    inertia = np.inf
-    for _ in range(LLOYD_MAX_PASSES):
-        shift = centers
-        stats: SuffStats = yield _pass(
-            complete_rows, init_kernels.hard_assign_chunk, shift, covariance_type
-        )
-        filled = stats.n[:, None] > 0
-        centers = shift + np.where(filled, stats.s1 / np.where(filled, stats.n[:, None], 1.0), 0.0)
-        previous, inertia = inertia, -stats.loglik
-        if previous - inertia <= LLOYD_TOL * inertia:
-            break
-    return m_step(stats, shift, reg_covar, covariance_type)
+    size = min(n_samples, SAMPLE_ROWS_PER_COMPONENT * p.n_components, SAMPLE_MAX_ROWS)
+    both = yield p.pass_of(
+        init_kernels.joint_chunk,
+        (
+            (init_kernels.closest_count_chunk, (centers,)),
+            (init_kernels.sample_by_distance_chunk, (p.no_centers(), size, p.seed, 98)),
+        ),
+    )
+    counts, uniform = both.parts
+    starts = kmeans_restarts(centers, counts, p.n_components, rng)
+    found = best_on_sample(uniform.rows, starts, p.covariance_type, p.reg_covar)
+    if found is not None:
+        return found
+    stats = yield p.pass_of(init_kernels.hard_assign_chunk, starts[0], p.covariance_type)
+    return m_step(stats, starts[0], p.reg_covar, p.covariance_type)
 
 
-def init_kmeans_plusplus(
-    shape: tuple[int, int],
-    n_components: int,
-    covariance_type: str,
-    reg_covar: float,
-    seed: int,
-    complete_rows: bool = False,
-) -> Steps[GMMParams]:
+def init_kmeans_plusplus(problem: Problem) -> Steps[GMMParams]:
     """k-means++ seeds (first one by sample weight, then by squared distance)."""
-    seeds = np.empty((0, shape[1]))
-    for k in range(n_components):
-        sample = yield _pass(
-            complete_rows, init_kernels.sample_by_distance_chunk, seeds, 1, seed, 100 + k
-        )
+    p = problem
+    seeds = p.no_centers()
+    for k in range(p.n_components):
+        sample = yield p.pass_of(init_kernels.sample_by_distance_chunk, seeds, 1, p.seed, 100 + k)
         if sample.rows.shape[0] == 0 and seeds.shape[0] == 0:
             raise _no_complete_row()
         if sample.rows.shape[0] == 0:  # every row already is a seed: repeat the last one
             seeds = np.vstack([seeds, seeds[-1:]])
         else:
             seeds = np.vstack([seeds, sample.rows])
-    return _at_points(seeds, covariance_type, reg_covar)
+    return p.at_points(seeds)
 
 
-def init_random(
-    shape: tuple[int, int],
-    n_components: int,
-    covariance_type: str,
-    reg_covar: float,
-    seed: int,
-    complete_rows: bool = False,
-) -> Steps[GMMParams]:
+def init_random(problem: Problem) -> Steps[GMMParams]:
     """Uniformly random responsibilities, normalized per row (one pass)."""
-    first = yield from _complete(np.array([0]), shape[1], seed, complete_rows)
-    shift = np.repeat(first, n_components, axis=0)
-    stats = yield _pass(
-        complete_rows, init_kernels.random_resp_chunk, seed, n_components, shift, covariance_type
+    p = problem
+    first = yield from p.rows(np.array([0]))
+    shift = np.repeat(first, p.n_components, axis=0)
+    stats = yield p.pass_of(
+        init_kernels.random_resp_chunk, p.seed, p.n_components, shift, p.covariance_type
     )
-    return m_step(stats, shift, reg_covar, covariance_type)
+    return m_step(stats, shift, p.reg_covar, p.covariance_type)
 
 
-def init_random_from_data(
-    shape: tuple[int, int],
-    n_components: int,
-    covariance_type: str,
-    reg_covar: float,
-    seed: int,
-    complete_rows: bool = False,
-) -> Steps[GMMParams]:
+def init_random_from_data(problem: Problem) -> Steps[GMMParams]:
     """Means at ``K`` distinct random rows (no pass: only those rows are read)."""
-    rng = kernels.chunk_rng(seed, 0)
-    index = rng.choice(shape[0], size=n_components, replace=False)
-    points = yield from _complete(index, shape[1], seed, complete_rows)
-    return _at_points(points, covariance_type, reg_covar)
+    index = problem.rng().choice(problem.shape[0], size=problem.n_components, replace=False)
+    points = yield from problem.rows(index)
+    return problem.at_points(points)
 
 
-INITIALIZERS: dict[str, Callable[..., Steps[GMMParams]]] = {
+INITIALIZERS: dict[str, Callable[[Problem], Steps[GMMParams]]] = {
     "kmeans": init_kmeans,
     "k-means++": init_kmeans_plusplus,
     "random": init_random,
@@ -380,9 +439,8 @@ def initialize(
         return GMMParams.from_precisions(weights_init, means_init, precisions_init, covariance_type)
     if init_params not in INITIALIZERS:
         raise invalid_parameter("init_params", init_params, f"use one of {', '.join(INITIALIZERS)}")
-    found = yield from INITIALIZERS[init_params](
-        shape, n_components, covariance_type, reg_covar, seed, complete_rows
-    )
+    problem = Problem(shape, n_components, covariance_type, reg_covar, seed, complete_rows)
+    found = yield from INITIALIZERS[init_params](problem)
     weights = found.weights if weights_init is None else weights_init
     means = found.means if means_init is None else means_init
     if precisions_init is not None:

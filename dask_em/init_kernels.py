@@ -238,3 +238,24 @@ def on_complete_rows(
     weight = np.ones(X.shape[0]) if sample_weight is None else sample_weight.astype(np.float64)
     weight[has_nan] = 0.0
     return chunk_fn(np.where(np.isnan(X), 0, X), weight, chunk_index, row_start, *args)
+
+
+@dataclass(frozen=True)
+class Joint:
+    """The answers of several chunk functions over the same rows, added part by part."""
+
+    parts: tuple[Any, ...]
+
+    def __add__(self, other: Joint) -> Joint:
+        return Joint(tuple(a + b for a, b in zip(self.parts, other.parts, strict=True)))
+
+
+def joint_chunk(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    chunk_index: int,
+    row_start: int,
+    calls: tuple[tuple[Callable[..., Any], tuple[Any, ...]], ...],
+) -> Joint:
+    """Every ``(chunk_fn, args)`` of ``calls`` on the chunk, so one pass serves them all."""
+    return Joint(tuple(fn(X, sample_weight, chunk_index, row_start, *args) for fn, args in calls))

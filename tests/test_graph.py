@@ -25,7 +25,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import dask_em
 from dask_em import kernels
-from dask_em.init import KMEANS_ROUNDS, LLOYD_MAX_PASSES
+from dask_em.init import KMEANS_ROUNDS
 from dask_em.params import GMMParams
 from dask_em.reduce import RowData
 
@@ -146,7 +146,7 @@ def test_persisting_the_data_is_one_more_scheduler_call_but_not_a_pass(mixture_z
 
 @pytest.mark.parametrize(
     ("init_params", "extra_passes"),
-    [("kmeans", None), ("k-means++", 4), ("random", 1), ("random_from_data", 0)],
+    [("kmeans", KMEANS_ROUNDS + 1), ("k-means++", 4), ("random", 1), ("random_from_data", 0)],
 )
 def test_initialization_passes_are_counted_and_em_is_one_call_per_iteration(
     init_params, extra_passes, mixture_zarr
@@ -165,11 +165,7 @@ def test_initialization_passes_are_counted_and_em_is_one_call_per_iteration(
     assert len(full_passes) + len(row_reads) == len(recorder.graphs)
     # the other scheduler calls read a few rows for seeds: at most K chunks each
     assert all(len(chunk_keys(g, X)) <= 4 for g in row_reads)
-    if extra_passes is None:  # k-means||: sampling rounds, 1 count, 1 to LLOYD_MAX_PASSES Lloyd
-        lloyd = gm.n_passes_ - gm.n_iter_ - KMEANS_ROUNDS - 1
-        assert 1 <= lloyd <= LLOYD_MAX_PASSES
-    else:
-        assert gm.n_passes_ - gm.n_iter_ == extra_passes
+    assert gm.n_passes_ - gm.n_iter_ == extra_passes
 
 
 def test_restarts_share_each_pass_reading_every_chunk_once(mixture_zarr):

@@ -32,14 +32,14 @@ def test_lower_bound_never_decreases(covariance_type, init_params, seed, make_mi
         covariance_type=covariance_type,
         init_params=init_params,
         random_state=seed,
-        tol=1e-9,
-        max_iter=40,
+        tol=0.0,  # never converged: max_iter iterations checked, however good the start
+        max_iter=20,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         gm.fit(data.dask())
     bounds = np.asarray(gm.lower_bounds_)
-    assert len(bounds) == gm.n_iter_ >= 10
+    assert len(bounds) == gm.n_iter_ == 20
     steps = np.diff(bounds)
     assert steps.min() >= -1e-10, (int(steps.argmin()), steps.min())
     assert bounds[-1] > bounds[0]  # it did climb
