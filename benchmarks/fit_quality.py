@@ -6,7 +6,7 @@ components from none to strong, 20,000 rows each) and fits each with default ``t
 
 - ``dask-em default``: ``GaussianMixture(K)`` (``init_params='kmeans'``, ``n_init=1``);
 - ``scikit-learn default``: ``sklearn.mixture.GaussianMixture(K)`` (``n_init=1``);
-- ``dask-em CLI default``: ``n_init=dask_em.init.CLI_N_INIT`` (shared passes);
+- ``dask-em CLI default``: ``n_init=dask_em.choices.CLI_N_INIT`` (shared passes);
 
 each with ``random_state`` 0, 1, 2 (``--seeds``), against the reference: scikit-learn's
 best of 10 restarts on the same data. The gap of a fit is the reference's mean
