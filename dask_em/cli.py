@@ -1035,8 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint on an object store without conditional writes: no one-fit lock",
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    _add_quiet_option(p)
-    _add_cluster_options(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser(
