@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 from cli_helpers import assert_ok, assert_usage_error, run_cli, snapshot
 from warehouse_helpers import DATES, FEATURES, duckdb_rows, write_date
@@ -63,6 +64,7 @@ def test_quiet_ingest_of_a_query_prints_nothing_but_the_json(
     assert (stored[:, 0] > 0).all()
 
 
+@pytest.mark.slow
 def test_ingest_user_errors_exit_2_in_one_line_with_option_names_and_write_nothing(
     warehouse: Path, tmp_path: Path
 ) -> None:

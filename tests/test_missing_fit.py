@@ -200,6 +200,7 @@ def test_checkpoint_resume_with_missing_equals_the_uninterrupted_fit(
         GaussianMixture(**other, checkpoint_dir=ckpt).fit(store.path)
 
 
+@pytest.mark.slow
 def test_cli_fit_missing_then_impute_round_trip(tmp_path):
     truth = truth_params("full", 121)
     X = punch_holes(sample_rows(truth, 600, 122), 0.2, 123)

@@ -55,6 +55,7 @@ def progress_iterations(stderr: str) -> list[int]:
 
 
 # ------------------------------------------------------------ kill -9 and resume
+@pytest.mark.slow
 def test_fit_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     """SIGKILL the process group of a running ``dask-em fit`` after >= 3 committed
     iterations, rerun the same command: it resumes there and ends exactly where an

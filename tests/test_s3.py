@@ -404,6 +404,7 @@ def test_checkpoint_lock_false_fits_beside_a_held_lock_and_leaves_it(s3: tuple[S
 
 
 # ------------------------------------------------------------------------ bad input
+@pytest.mark.slow
 def test_bad_credentials_missing_bucket_and_unreachable_endpoint_exit_2_writing_nothing(
     s3: tuple[S3, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
