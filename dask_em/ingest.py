@@ -54,7 +54,6 @@ import hashlib
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -66,8 +65,8 @@ import zarr
 
 from dask_em.errors import DataError, OutputError, ParameterError
 from dask_em.io import ARRAY_COMPRESSORS
-from dask_em.staging import HOST, beside, clean_leftovers
-from dask_em.store import Location, is_url, object_lock, storage_error
+from dask_em.staging import beside, clean_leftovers, writer_tag
+from dask_em.store import WRITE_EVERY_CHUNK, Location, is_url, object_lock, storage_error
 
 FORMAT_VERSION = 1
 ATTRIBUTE = "dask_em_ingest"
@@ -471,7 +470,7 @@ def _staging(out: Location) -> Location:
     with renames), inside it on an object store (``OUT/.ingest-…``, not part of the
     array; cleared by the next ingest holding the lock)."""
     if out.is_url:
-        return out.child(f".ingest-{HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+        return out.child(f".ingest-{writer_tag()}")
     staging = Location(beside(Path(out.location), "ingest"))
     os.mkdir(staging.location)
     return staging
@@ -535,7 +534,7 @@ class _Writer:
         self.staging = _staging(out)
         self.staging.child("zarr.json").write_bytes(out.child("zarr.json").read_bytes())
         committed = _open(out)
-        self.array = _open(self.staging, "r+").with_config({"write_empty_chunks": True})
+        self.array = _open(self.staging, "r+").with_config(WRITE_EVERY_CHUNK)
         self.chunk_rows = int(committed.chunks[0])
         self.first_chunk = start // self.chunk_rows
         self.index = self.first_chunk

@@ -34,9 +34,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def writer_tag() -> str:
+    """``HOST-PID-UUID``: names this process's writing, unique per call."""
+    return f"{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
 def beside(dest: Path, kind: str) -> Path:
     """A hidden path next to ``dest`` naming its writer: ``.NAME.KIND-HOST-PID-UUID``."""
-    return dest.with_name(f".{dest.name}.{kind}-{HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+    return dest.with_name(f".{dest.name}.{kind}-{writer_tag()}")
 
 
 def left_by_dead_writer(name: str, dest_names: Sequence[str], kinds: Sequence[str]) -> str | None:
