@@ -89,6 +89,19 @@ def information_criteria(
     return total + n_parameters * float(np.log(n_samples)), total + 2.0 * n_parameters
 
 
+def fitted_params(model: Any) -> GMMParams:
+    """The parameters of a fitted ``GaussianMixture`` (dask-em's or scikit-learn's) as a
+    `GMMParams` in float64 (NotFittedError if it is not fitted)."""
+    check_is_fitted(model)
+    return GMMParams(
+        np.asarray(model.weights_, dtype=np.float64),
+        np.asarray(model.means_, dtype=np.float64),
+        np.asarray(model.covariances_, dtype=np.float64),
+        np.asarray(model.precisions_cholesky_, dtype=np.float64),
+        model.covariance_type,
+    )
+
+
 def warm_start_run(
     init_model: Any,
     n_components: int,
@@ -124,14 +137,7 @@ def warm_start_run(
         lower_bound = float("-inf") if bound is None else float(bound)
         name = f"{os.fspath(init_model)}"
     else:
-        check_is_fitted(init_model)
-        params = GMMParams(
-            np.asarray(init_model.weights_, dtype=np.float64),
-            np.asarray(init_model.means_, dtype=np.float64),
-            np.asarray(init_model.covariances_, dtype=np.float64),
-            np.asarray(init_model.precisions_cholesky_, dtype=np.float64),
-            init_model.covariance_type,
-        )
+        params = fitted_params(init_model)
         lower_bound = float(getattr(init_model, "lower_bound_", float("-inf")))
         name = f"(a fitted {type(init_model).__name__})"
     shape = (params.n_components, params.covariance_type, params.n_features)
@@ -708,14 +714,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
 
     def _params(self) -> GMMParams:
         """The fitted parameters as a `GMMParams`."""
-        check_is_fitted(self)
-        return GMMParams(
-            self.weights_,
-            self.means_,
-            self.covariances_,
-            self.precisions_cholesky_,
-            self.covariance_type,
-        )
+        return fitted_params(self)
 
     # -------------------------------------------------------------- inference
     @property
