@@ -586,7 +586,7 @@ def cmd_impute(args: argparse.Namespace) -> int:
         lambda: gm.impute(X),
         "data",
         {"kind": "impute"},
-        "rows with missing values imputed",
+        "imputed values",
         X,
     )
 

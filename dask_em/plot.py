@@ -277,6 +277,7 @@ def render(
         ax.plot(range(1, len(bounds) + 1), bounds, marker="o", color=COLORS[0])
         ax.set_title("lower bound per iteration")
     ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("mean log-likelihood per row")
 
     proj = None
