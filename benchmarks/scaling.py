@@ -4,9 +4,11 @@ Three sweeps time real dask-em EM passes (`dask_em.em.run_em`, ``tol=0``, each E
 one `dask_em.reduce.RowData` pass of `dask_em.kernels.em_chunk`: the graph built on the
 client, then computed on a `dask_em.cluster.local_cluster` of worker processes x 1 thread)
 over Zarr stores of tiny chunks (a few rows each, read by `dask_em.io.open_array` as a
-fit reads them), so the scheduler, not the arithmetic, sets the time:
+fit reads them), so per-task costs (the scheduler's, each task's read), not the
+arithmetic, set the time:
 
-- chunks: 10 to 100,000 chunks (tasks) per pass on as many workers as cores;
+- chunks: 10 to 30,000 chunks (tasks) per pass on as many workers as cores (``--chunks``
+  takes more: 100,000 is about 15 minutes per pass on 2 loaded cores);
 - workers: 1 to 32 worker processes on a fixed number of chunks;
 - fan-in: the reduction tree's ``split_every`` (2 to 64) on a fixed number of chunks,
   which changes its depth.
@@ -23,7 +25,7 @@ cost per row at D=32, K=16 full in one thread and extrapolates one pass over 10^
 x 32 features on 100 nodes for a range of chunk sizes, under the assumptions given on
 the command line (printed with the result).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/scaling.py              # a few minutes
+    OPENBLAS_NUM_THREADS=1 python benchmarks/scaling.py              # 30 min on 2 loaded cores
     OPENBLAS_NUM_THREADS=1 python benchmarks/scaling.py --json out.json
     python benchmarks/scaling.py --small                             # seconds
 """
