@@ -117,3 +117,13 @@ def test_small_jobs_times_the_command_against_a_sklearn_script() -> None:
     )
     assert fits == ["threads"], out  # auto chose threads for 4000 rows
     assert re.search(r"^\s+4,000\s+scikit-learn script\s+[\d.]+\s+\d+", out, re.M), out
+
+
+@pytest.mark.slow
+def test_scaling_fits_the_pass_model_and_extrapolates_to_100_nodes() -> None:
+    out = run("scaling.py")
+    sweeps = re.findall(r"^\s*(chunks|fan-in|workers)\s+[\d,]+\s+\d+\s+\d+\s+[\d,]+\s", out, re.M)
+    assert set(sweeps) == {"chunks", "fan-in", "workers"}, out
+    assert re.search(r"^fitted: pass = [\d.]+ ms \+ \d+ us x tasks .*relative residuals", out, re.M)
+    assert re.search(r"E-step kernel: \d+ ns per row at D=32, K=16 full, one thread", out), out
+    assert re.search(r"^recommended chunk: \d+ MiB \([\d,]+ rows\)", out, re.M), out
