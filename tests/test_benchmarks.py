@@ -6,6 +6,7 @@ asserted (the numbers that matter are in the README, with the commands that made
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def test_restarts_share_passes() -> None:
 def test_out_of_core_reports_memory_and_spill() -> None:
     out = run("out_of_core.py")
     assert re.search(r"peak worker RSS\s+\d+ MiB of \d+ MiB\s+spilled keys 0", out), out
+
+
+@pytest.mark.slow
+def test_out_of_core_cold_compares_every_read_with_the_disk() -> None:
+    out = run("out_of_core.py", "--cold")  # without root the drops are skipped, and said so
+    assert re.search(r"peak worker RSS\s+\d+ MiB of \d+ MiB\s+spilled keys 0", out), out
+    reads = re.findall(
+        r"^(disk|read\+decode|EM|page cache)\b.*\s[\d.]+\s+\d+\s+(?:\d+|-)\s+\d+%$", out, re.M
+    )
+    assert reads == ["disk", "disk", "read+decode", "EM", "page cache", "read+decode", "EM"], out
+    if os.geteuid() != 0:
+        assert "page cache NOT dropped" in out, out
 
 
 @pytest.mark.slow
