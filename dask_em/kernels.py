@@ -2,10 +2,13 @@
 
 Every function here works on one block of rows ``X`` of shape (n, D) held in memory
 and returns small values (statistics of shape (K, ...) or per-row vectors of the
-chunk). Products are computed in the dtype of ``X`` (float32 input stays float32);
-statistics leave the chunk as float64. The responsibilities of a chunk live only inside
-these functions. Nothing here imports Dask: the graph layer (`dask_em.reduce`) maps
-these functions over chunks.
+chunk). Products are computed in the dtype of ``X`` (float32 input stays float32), or
+in the ``compute_dtype`` given to the E-step and inference functions (`e_step`,
+`inference`): the rows are centered in the wider of the two dtypes and only the
+centered values are cast, so float32 products of float64 rows lose nothing to an
+offset; statistics leave the chunk as float64. The responsibilities of a chunk live
+only inside these functions. Nothing here imports Dask: the graph layer
+(`dask_em.reduce`) maps these functions over chunks.
 
 Chunk functions called by the graph layer share one signature::
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -76,10 +80,12 @@ class _Projection:
 
     Rows are centered at ``c0`` (`data_center` of the chunk) before any product, so
     products and moments stay accurate for data far from the origin; ``d = means - c0``.
+    ``c0`` has the dtype the rows are centered in, the wider of theirs and the working
+    dtype (that of ``const``); the centered rows are then cast to the working dtype.
     """
 
     covariance_type: str
-    c0: np.ndarray  # (D,)
+    c0: np.ndarray  # (D,), dtype rows are centered in
     d: np.ndarray  # (K, D), float64
     const: np.ndarray  # (K, 1): -D/2 log 2pi + log det U_k + log weight_k
     A: np.ndarray  # full (K*D, D): stacked U_k^T; tied (D, D): U^T; diag/spherical (K, D): U_k^2
@@ -95,10 +101,15 @@ class _Projection:
         log_weights: np.ndarray,
         center: np.ndarray,
         dtype: np.dtype,
+        compute_dtype: np.dtype | None = None,
     ) -> _Projection:
+        """The constants for rows of ``dtype``, products in ``compute_dtype`` (default
+        ``dtype``); rows are centered in the wider of the two (`_Projection.c0`'s dtype)."""
         n_components, n_features = means.shape
         prec = np.asarray(precisions_cholesky, dtype=np.float64)
-        center = np.asarray(center).astype(dtype).astype(np.float64)  # c0 as rows see it
+        c0 = np.asarray(center).astype(np.result_type(dtype, compute_dtype or dtype))
+        dtype = np.dtype(compute_dtype or dtype)
+        center = c0.astype(np.float64)  # c0 as rows see it
         d = np.asarray(means, dtype=np.float64) - center
         const = (
             -0.5 * n_features * LOG_2PI
@@ -123,7 +134,7 @@ class _Projection:
             lin = np.sum(d * d * p2, axis=1)[:, None].astype(dtype)
         return cls(
             covariance_type,
-            np.asarray(center).astype(dtype),
+            c0,
             d,
             np.broadcast_to(const, (n_components,))[:, None].astype(dtype),
             np.ascontiguousarray(A, dtype=dtype),
@@ -132,8 +143,11 @@ class _Projection:
         )
 
     @classmethod
-    def of(cls, params: GMMParams, X: np.ndarray) -> _Projection:
-        """The projection of mixture parameters (log-weights included) for the rows ``X``."""
+    def of(
+        cls, params: GMMParams, X: np.ndarray, compute_dtype: np.dtype | None = None
+    ) -> _Projection:
+        """The projection of mixture parameters (log-weights included) for the rows ``X``,
+        products in ``compute_dtype`` (default ``X.dtype``)."""
         with np.errstate(divide="ignore"):
             log_weights = np.log(params.weights)
         return cls.build(
@@ -143,6 +157,7 @@ class _Projection:
             log_weights,
             data_center(X),
             X.dtype,
+            compute_dtype,
         )
 
     @property
@@ -163,7 +178,7 @@ class _Projection:
         ``MALLOC_TRIM_THRESHOLD_`` set, under which glibc maps and unmaps every large
         temporary, and fresh pages made the kernel about 4x slower.
         """
-        n_components, dtype = self.const.shape[0], self.c0.dtype
+        n_components, dtype = self.const.shape[0], self.const.dtype
         n_features = self.c0.shape[0]
         y_shape = {
             "full": (n_components * n_features, rows),
@@ -246,7 +261,11 @@ def _moment_workspace(n_features: int, dtype: np.dtype) -> Callable[[int], _Work
 
 
 def _centered(X: np.ndarray, start: int, center: np.ndarray, ws: _Workspace) -> np.ndarray:
-    """Rows ``start:start+ws.rows`` of ``X`` minus ``center``, transposed into ``ws.xt`` (D, m)."""
+    """Rows ``start:start+ws.rows`` of ``X`` minus ``center``, transposed into ``ws.xt`` (D, m).
+
+    The difference is taken in the dtype of ``center`` (and ``X``), then cast to that of
+    ``ws.xt``.
+    """
     np.subtract(X[start : start + ws.rows].T, center[:, None], out=ws.xt)
     return ws.xt
 
@@ -365,24 +384,28 @@ def _log_normalize(log_prob: np.ndarray, rows3: np.ndarray) -> tuple[np.ndarray,
     return norm, resp
 
 
-def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndarray]:
+def log_prob_resp(
+    X: np.ndarray, params: GMMParams, compute_dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-row log-likelihood and log-responsibilities (log-sum-exp, no underflow).
 
     Parameters
     ----------
     X : ndarray of shape (n, D)
     params : GMMParams
+    compute_dtype : numpy dtype, optional
+        Dtype of the products (`dask_em.choices.COMPUTE_DTYPES`); default ``X.dtype``.
 
     Returns
     -------
     log_prob_norm : ndarray of shape (n,)
-        ``log p(x_i)``.
+        ``log p(x_i)``, in ``compute_dtype``.
     log_resp : ndarray of shape (n, K)
-        ``log p(k | x_i)``.
+        ``log p(k | x_i)``, in ``compute_dtype``.
     """
-    proj = _Projection.of(params, X)
-    norm = np.empty(X.shape[0], dtype=X.dtype)
-    log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
+    proj = _Projection.of(params, X, compute_dtype)
+    norm = np.empty(X.shape[0], dtype=proj.const.dtype)
+    log_resp = np.empty((X.shape[0], params.n_components), dtype=proj.const.dtype)
     for start, ws in _blocks(X.shape[0], proj.workspace, proj.block_rows):
         lp = proj.log_prob(_centered(X, start, proj.c0, ws), ws)
         block_norm, _ = _log_normalize(lp.copy(), ws.rows3)
@@ -468,6 +491,7 @@ def em_chunk(
     chunk_index: int,
     row_start: int,
     params: GMMParams,
+    compute_dtype: np.dtype | None = None,
 ) -> SuffStats:
     """E-step of one chunk: its statistics under ``params``, shifted by ``params.means``.
 
@@ -475,6 +499,8 @@ def em_chunk(
     moments about ``c0`` are accumulated with matrix products and moved to the shift
     ``c_k = means_k`` at the end (``s1_k = S1_k - n_k d_k``,
     ``s2_k = S2_k - S1_k d_k^T - d_k S1_k^T + n_k d_k d_k^T`` with ``d_k = c_k - c0``).
+    The products run in ``compute_dtype`` (`dask_em.choices.COMPUTE_DTYPES`; default
+    ``X.dtype``) on the centered rows; each block's moments are added up in float64.
 
     Returns
     -------
@@ -492,7 +518,7 @@ def em_chunk(
     n_samples, n_features = X.shape
     n_components = params.n_components
     cov_type = params.covariance_type
-    proj = _Projection.of(params, X)
+    proj = _Projection.of(params, X, compute_dtype)
     moments = (
         np.zeros(n_components),
         np.zeros((n_components, n_features)),
@@ -543,11 +569,15 @@ def _check_rows_finite(X: np.ndarray, norm: np.ndarray, chunk_index: int, row_st
 
 
 def _checked_log_prob_resp(
-    X: np.ndarray, params: GMMParams, chunk_index: int, row_start: int
+    X: np.ndarray,
+    params: GMMParams,
+    chunk_index: int,
+    row_start: int,
+    compute_dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`log_prob_resp` of rows that are all finite (DataError naming the first that is not)."""
     with np.errstate(invalid="ignore", over="ignore"):  # a bad row is reported below
-        norm, log_resp = log_prob_resp(X, params)
+        norm, log_resp = log_prob_resp(X, params, compute_dtype)
     _check_rows_finite(X, norm, chunk_index, row_start)
     return norm, log_resp
 
@@ -592,3 +622,17 @@ COMPLETE_ROWS = BlockInference(_checked_log_prob_resp)
 score_samples_block = COMPLETE_ROWS.score_samples_block
 predict_proba_block = COMPLETE_ROWS.predict_proba_block
 predict_block = COMPLETE_ROWS.predict_block
+
+
+def e_step(compute_dtype: np.dtype | None = None) -> Callable[..., SuffStats]:
+    """`em_chunk` with its products in ``compute_dtype`` (None: `em_chunk` itself)."""
+    if compute_dtype is None:
+        return em_chunk
+    return partial(em_chunk, compute_dtype=np.dtype(compute_dtype))
+
+
+def inference(compute_dtype: np.dtype | None = None) -> BlockInference:
+    """`COMPLETE_ROWS` with its products in ``compute_dtype`` (None: `COMPLETE_ROWS` itself)."""
+    if compute_dtype is None:
+        return COMPLETE_ROWS
+    return BlockInference(partial(_checked_log_prob_resp, compute_dtype=np.dtype(compute_dtype)))
