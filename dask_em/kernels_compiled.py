@@ -152,6 +152,7 @@ def _add_moments(resp, xc, wx, nk, m1, m2):  # pragma: no cover - compiled
                     s += wx[i, t] * xc[j, t]
                 m2[k, i, j] += s
 
+
 def em_full(
     X: np.ndarray,
     sample_weight: np.ndarray | None,

@@ -94,7 +94,10 @@ def test_compiled_em_chunk_names_the_chunk_holding_nan():
 def test_compiled_em_chunk_reports_rows_too_far_for_the_working_precision():
     X, params = _mixture(300, 3, 2, seed=6)
     X[5] = 1e200  # finite, but its log-density under every component is -inf
-    with kernels.compiled_kernels(True), pytest.raises(DataError, match="non-finite log-likelihood"):
+    with (
+        kernels.compiled_kernels(True),
+        pytest.raises(DataError, match="non-finite log-likelihood"),
+    ):
         kernels.em_chunk(X, None, 0, 0, params)
 
 
