@@ -22,6 +22,8 @@ imports Dask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 try:
@@ -41,23 +43,38 @@ available = numba is not None
 """Whether numba is importable (the ``fast`` extra)."""
 
 
-def _jit(fn):
-    """``fn`` compiled by numba at its first call (cached in ``__pycache__``), IEEE
-    arithmetic (no ``fastmath``), NumPy's division semantics (x/0 is inf, not an error)."""
+def _jit(fn: Callable, fastmath: bool | set[str] = False) -> Callable:
+    """``fn`` compiled by numba at its first call, cached in ``__pycache__`` (or numba's
+    user-wide cache; where neither is writable, compiled in every process), IEEE
+    arithmetic unless ``fastmath`` says otherwise, NumPy's division semantics (x/0 is
+    inf, not an error)."""
     if numba is None:
         return fn
-    return numba.njit(cache=True, fastmath=False, nogil=True, error_model="numpy")(fn)
+    options = {"fastmath": fastmath, "nogil": True, "error_model": "numpy"}
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # numba found no writable cache location
+        return numba.njit(**options)(fn)
 
 
-def _jit_reassoc(fn):
+def _jit_reassoc(fn: Callable) -> Callable:
     """`_jit`, with sums free to be reassociated (split into vector lanes)."""
-    if numba is None:
-        return fn
-    return numba.njit(cache=True, fastmath={"reassoc"}, nogil=True, error_model="numpy")(fn)
+    return _jit(fn, fastmath={"reassoc"})
 
 
 @_jit
-def _em_full(X, w, c0, U, b, const, norm, nk, m1, m2):  # pragma: no cover - compiled
+def _em_full(  # pragma: no cover - compiled
+    X: np.ndarray,
+    w: np.ndarray,
+    c0: np.ndarray,
+    U: np.ndarray,
+    b: np.ndarray,
+    const: np.ndarray,
+    norm: np.ndarray,
+    nk: np.ndarray,
+    m1: np.ndarray,
+    m2: np.ndarray,
+) -> None:
     """`em_full` into the given outputs; ``w`` of length 0 means unit weights."""
     n, d = X.shape
     k_count = U.shape[0]
@@ -130,7 +147,9 @@ def _em_full(X, w, c0, U, b, const, norm, nk, m1, m2):  # pragma: no cover - com
 
 
 @_jit_reassoc
-def _add_moments(resp, xc, wx, nk, m1, m2):  # pragma: no cover - compiled
+def _add_moments(  # pragma: no cover - compiled
+    resp: np.ndarray, xc: np.ndarray, wx: np.ndarray, nk: np.ndarray, m1: np.ndarray, m2: np.ndarray
+) -> None:
     """Add a tile's moments about the center to ``nk``, ``m1`` and the lower triangle of
     ``m2``: each a sum over the tile's rows, which the compiler splits into vector lanes."""
     k_count, tile = resp.shape

@@ -10,6 +10,9 @@ installed).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from oracle import random_covariances
@@ -19,7 +22,7 @@ from dask_em import kernels, kernels_compiled
 from dask_em.errors import DataError
 from dask_em.params import GMMParams
 
-pytestmark = pytest.mark.skipif(
+needs_numba = pytest.mark.skipif(
     not kernels_compiled.available, reason="numba is not installed (the fast extra)"
 )
 
@@ -48,8 +51,9 @@ def _both_paths(X, w, params, chunk_index=0, row_start=0):
     return numpy_stats, compiled_stats
 
 
+@needs_numba
 @pytest.mark.parametrize("n_features", [1, 2, 8, 16])
-@pytest.mark.parametrize("n_rows", [1, 63, 64, 1000, 5000])
+@pytest.mark.parametrize("n_rows", [1, 128, 129, 5000])  # tiles of 128 rows
 @pytest.mark.parametrize("weighted", [False, True])
 def test_compiled_em_chunk_equals_numpy_em_chunk(n_features, n_rows, weighted):
     X, params = _mixture(n_rows, n_features, 5, seed=n_features + n_rows)
@@ -61,12 +65,14 @@ def test_compiled_em_chunk_equals_numpy_em_chunk(n_features, n_rows, weighted):
     np.testing.assert_array_equal(compiled_stats.worst.row, numpy_stats.worst.row)
 
 
+@needs_numba
 def test_compiled_em_chunk_is_accurate_far_from_the_origin():
     X, params = _mixture(3000, 6, 4, seed=1, offset=1e6)
     numpy_stats, compiled_stats = _both_paths(X, None, params)
     assert_stats_close(compiled_stats, numpy_stats, rtol=1e-12)
 
 
+@needs_numba
 def test_compiled_em_chunk_skips_zero_weight_rows_for_the_worst_fit():
     X, params = _mixture(500, 4, 3, seed=2)
     X[10] += 50.0  # the worst-fitted row, but of weight zero
@@ -77,6 +83,7 @@ def test_compiled_em_chunk_skips_zero_weight_rows_for_the_worst_fit():
     assert_stats_close(compiled_stats, numpy_stats, rtol=1e-12)
 
 
+@needs_numba
 def test_compiled_em_chunk_of_no_rows_is_zero():
     X, params = _mixture(0, 3, 2, seed=4)
     numpy_stats, compiled_stats = _both_paths(X, None, params)
@@ -84,6 +91,7 @@ def test_compiled_em_chunk_of_no_rows_is_zero():
     assert compiled_stats.worst is None
 
 
+@needs_numba
 def test_compiled_em_chunk_names_the_chunk_holding_nan():
     X, params = _mixture(300, 3, 2, seed=5)
     X[117, 1] = np.nan
@@ -91,6 +99,7 @@ def test_compiled_em_chunk_names_the_chunk_holding_nan():
         kernels.em_chunk(X, None, 7, 1400, params)
 
 
+@needs_numba
 def test_compiled_em_chunk_reports_rows_too_far_for_the_working_precision():
     X, params = _mixture(300, 3, 2, seed=6)
     X[5] = 1e200  # finite, but its log-density under every component is -inf
@@ -101,6 +110,7 @@ def test_compiled_em_chunk_reports_rows_too_far_for_the_working_precision():
         kernels.em_chunk(X, None, 0, 0, params)
 
 
+@needs_numba
 @pytest.mark.parametrize(
     ("dtype", "covariance_type", "n_features"),
     [(np.float32, "full", 4), (np.float64, "diag", 4), (np.float64, "full", 17)],
@@ -118,3 +128,22 @@ def test_numpy_path_serves_chunks_the_compiled_kernel_does_not_take(
     )
     with kernels.compiled_kernels(True):
         assert not kernels._compiled_applies(params, X)
+
+
+def test_numpy_kernel_serves_every_chunk_without_numba(tmp_path):
+    # A fresh interpreter in which numba cannot be imported (as without the fast extra).
+    script = (
+        "import sys; sys.modules['numba'] = None\n"
+        "import numpy as np\n"
+        "from dask_em import kernels, kernels_compiled\n"
+        "from dask_em.params import GMMParams\n"
+        "assert not kernels_compiled.available and not kernels._use_compiled\n"
+        "params = GMMParams.from_covariances(np.full(2, 0.5), np.eye(2), np.stack([np.eye(2)] * 2), 'full')\n"
+        "X = np.random.default_rng(0).normal(size=(300, 2))\n"
+        "assert not kernels._compiled_applies(params, X)\n"
+        "print(kernels.em_chunk(X, None, 0, 0, params).n.sum())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
+    assert float(out.stdout) == pytest.approx(300.0)
