@@ -7,6 +7,7 @@ largest difference between the two paths' statistics.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/kernel_chunk.py            # 65,536 x 8, K=5, full
     OPENBLAS_NUM_THREADS=1 python benchmarks/kernel_chunk.py --d 16 --k 8
+    python benchmarks/kernel_chunk.py --small        # 4,096 rows; exercised by the tests
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d", type=int, default=8)
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--small", action="store_true", help="4,096 rows, 3 repeats")
     args = parser.parse_args(argv)
+    if args.small:
+        args.rows, args.repeats = 4096, 3
     truth = true_params(args.k, args.d, 0)
     X = mixture_rows(0, args.rows, truth, 0)
     params = GMMParams.from_covariances(

@@ -117,3 +117,13 @@ def test_small_jobs_times_the_command_against_a_sklearn_script() -> None:
     )
     assert fits == ["threads"], out  # auto chose threads for 4000 rows
     assert re.search(r"^\s+4,000\s+scikit-learn script\s+[\d.]+\s+\d+", out, re.M), out
+
+
+def test_kernel_chunk_times_both_kernels_and_they_agree() -> None:
+    out = run("kernel_chunk.py")
+    assert re.search(r"^numpy\s+[\d.]+\s+[\d.]+%", out, re.MULTILINE), out
+    if "compiled   skipped" in out:  # numba not installed
+        return
+    assert re.search(r"^compiled\s+[\d.]+\s+[\d.]+%", out, re.MULTILINE), out
+    diff = re.search(r"statistics max rel diff ([\d.e+-]+)", out)
+    assert diff is not None and float(diff.group(1)) <= 1e-12, out
