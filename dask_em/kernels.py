@@ -22,11 +22,13 @@ tie-breaking).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
+from dask_em import kernels_compiled
 from dask_em.errors import DataError
 from dask_em.params import LOG_2PI, GMMParams, log_det_cholesky, second_moment_shape
 from dask_em.stats import SuffStats, WorstFit
@@ -519,6 +521,8 @@ def em_chunk(
     n_components = params.n_components
     cov_type = params.covariance_type
     proj = _Projection.of(params, X, compute_dtype)
+    if proj.const.dtype == np.float64 and _compiled_applies(params, X):
+        return _em_chunk_compiled(X, sample_weight, chunk_index, row_start, params, proj)
     moments = (
         np.zeros(n_components),
         np.zeros((n_components, n_features)),
@@ -549,6 +553,76 @@ def em_chunk(
         weight = 1.0 if sample_weight is None else float(sample_weight[at])
         worst_fit = WorstFit(worst[0], row_start + at, X[at].astype(np.float64), weight)
     return SuffStats(moments[0], s1, s2, loglik, weight_sum, n_samples, worst_fit)
+
+
+_use_compiled = kernels_compiled.available
+
+
+@contextmanager
+def compiled_kernels(enabled: bool) -> Iterator[None]:
+    """Run `em_chunk` in this process with (``True``) or without the compiled kernel.
+
+    By default the compiled kernel (`dask_em.kernels_compiled`) serves every chunk it
+    applies to when numba is installed; tests and ``benchmarks/kernel_chunk.py`` switch
+    it to compare both paths.
+    """
+    global _use_compiled
+    before = _use_compiled
+    _use_compiled = enabled and kernels_compiled.available
+    try:
+        yield
+    finally:
+        _use_compiled = before
+
+
+def _compiled_applies(params: GMMParams, X: np.ndarray) -> bool:
+    """Whether `kernels_compiled.em_full` takes this chunk: numba installed and enabled,
+    float64 rows of at most `kernels_compiled.MAX_FEATURES` features, full covariances
+    with upper triangular precision factors (as `dask_em.params.validate_params` checks)."""
+    return (
+        _use_compiled
+        and params.covariance_type == "full"
+        and X.dtype == np.float64
+        and X.shape[1] <= kernels_compiled.MAX_FEATURES
+        and not np.any(np.tril(params.precisions_cholesky, -1))
+    )
+
+
+def _em_chunk_compiled(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    chunk_index: int,
+    row_start: int,
+    params: GMMParams,
+    proj: _Projection,
+) -> SuffStats:
+    """`em_chunk` through `kernels_compiled.em_full` (see `_compiled_applies`): the same
+    statistics, moments about ``proj.c0`` shifted as in the NumPy path."""
+    n_components, n_features = params.means.shape
+    norm, nk, m1, m2 = kernels_compiled.em_full(
+        X,
+        sample_weight,
+        proj.c0,
+        params.precisions_cholesky,
+        proj.b.reshape(n_components, n_features),
+        proj.const[:, 0],
+    )
+    _check_finite(X, norm, chunk_index, row_start)
+    worst_fit = None
+    if sample_weight is None:
+        loglik = norm.sum()
+        weight_sum = float(X.shape[0])
+        at = int(np.argmin(norm)) if norm.size else -1
+    else:
+        loglik = float(norm @ sample_weight.astype(np.float64))
+        weight_sum = sample_weight.sum(dtype=np.float64)
+        positive = sample_weight > 0
+        at = int(np.argmin(np.where(positive, norm, np.inf))) if positive.any() else -1
+    if at >= 0:
+        weight = 1.0 if sample_weight is None else float(sample_weight[at])
+        worst_fit = WorstFit(float(norm[at]), row_start + at, X[at].astype(np.float64), weight)
+    s1, s2 = _shifted((nk, m1, m2), proj.d, "full")
+    return SuffStats(nk, s1, s2, loglik, weight_sum, X.shape[0], worst_fit)
 
 
 def _check_rows_finite(X: np.ndarray, norm: np.ndarray, chunk_index: int, row_start: int) -> None:

@@ -148,3 +148,13 @@ def test_scaling_fits_the_pass_model_and_extrapolates_to_100_nodes() -> None:
     assert re.search(r"^fitted: pass = [\d.]+ ms \+ \d+ us x tasks .*relative residuals", out, re.M)
     assert re.search(r"E-step kernel: \d+ ns per row at D=32, K=16 full, one thread", out), out
     assert re.search(r"^recommended chunk: \d+ MiB \([\d,]+ rows\)", out, re.M), out
+
+
+def test_kernel_chunk_times_both_kernels_and_they_agree() -> None:
+    out = run("kernel_chunk.py")
+    assert re.search(r"^numpy\s+[\d.]+\s+[\d.]+%", out, re.MULTILINE), out
+    if "compiled   skipped" in out:  # numba not installed
+        return
+    assert re.search(r"^compiled\s+[\d.]+\s+[\d.]+%", out, re.MULTILINE), out
+    diff = re.search(r"statistics max rel diff ([\d.e+-]+)", out)
+    assert diff is not None and float(diff.group(1)) <= 1e-12, out
