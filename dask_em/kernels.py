@@ -521,8 +521,11 @@ def em_chunk(
     n_components = params.n_components
     cov_type = params.covariance_type
     proj = _Projection.of(params, X, compute_dtype)
-    if proj.const.dtype == np.float64 and _compiled_applies(params, X):
-        return _em_chunk_compiled(X, sample_weight, chunk_index, row_start, params, proj)
+    if _compiled_applies(params, proj):
+        # products in float64: float32 rows (compute_dtype="float64") are widened first,
+        # as the NumPy path widens them when it centers
+        X64 = X.astype(np.float64, copy=False)
+        return _em_chunk_compiled(X64, sample_weight, chunk_index, row_start, params, proj)
     moments = (
         np.zeros(n_components),
         np.zeros((n_components, n_features)),
@@ -575,15 +578,17 @@ def compiled_kernels(enabled: bool) -> Iterator[None]:
         _use_compiled = before
 
 
-def _compiled_applies(params: GMMParams, X: np.ndarray) -> bool:
-    """Whether `kernels_compiled.em_full` takes this chunk: numba installed and enabled,
-    float64 rows of at most `kernels_compiled.MAX_FEATURES` features, full covariances
-    with upper triangular precision factors (as `dask_em.params.validate_params` checks)."""
+def _compiled_applies(params: GMMParams, proj: _Projection) -> bool:
+    """Whether `kernels_compiled.em_full` takes a chunk: numba installed and enabled,
+    products in float64 (``proj``'s working dtype: float64 rows, or float32 rows with
+    ``compute_dtype="float64"``), at most `kernels_compiled.MAX_FEATURES` features, full
+    covariances with upper triangular precision factors (as
+    `dask_em.params.validate_params` checks)."""
     return (
         _use_compiled
         and params.covariance_type == "full"
-        and X.dtype == np.float64
-        and X.shape[1] <= kernels_compiled.MAX_FEATURES
+        and proj.const.dtype == np.float64
+        and params.means.shape[1] <= kernels_compiled.MAX_FEATURES
         and not np.any(np.tril(params.precisions_cholesky, -1))
     )
 

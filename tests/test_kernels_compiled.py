@@ -46,7 +46,7 @@ def _both_paths(X, w, params, chunk_index=0, row_start=0):
     with kernels.compiled_kernels(False):
         numpy_stats = kernels.em_chunk(X, w, chunk_index, row_start, params)
     with kernels.compiled_kernels(True):
-        assert kernels._compiled_applies(params, X)
+        assert kernels._compiled_applies(params, kernels._Projection.of(params, X))
         compiled_stats = kernels.em_chunk(X, w, chunk_index, row_start, params)
     return numpy_stats, compiled_stats
 
@@ -127,7 +127,7 @@ def test_numpy_path_serves_chunks_the_compiled_kernel_does_not_take(
         covariance_type,
     )
     with kernels.compiled_kernels(True):
-        assert not kernels._compiled_applies(params, X)
+        assert not kernels._compiled_applies(params, kernels._Projection.of(params, X))
 
 
 def test_numpy_kernel_serves_every_chunk_without_numba(tmp_path):
@@ -140,7 +140,7 @@ def test_numpy_kernel_serves_every_chunk_without_numba(tmp_path):
         "assert not kernels_compiled.available and not kernels._use_compiled\n"
         "params = GMMParams.from_covariances(np.full(2, 0.5), np.eye(2), np.stack([np.eye(2)] * 2), 'full')\n"
         "X = np.random.default_rng(0).normal(size=(300, 2))\n"
-        "assert not kernels._compiled_applies(params, X)\n"
+        "assert not kernels._compiled_applies(params, kernels._Projection.of(params, X))\n"
         "print(kernels.em_chunk(X, None, 0, 0, params).n.sum())\n"
     )
     out = subprocess.run(
