@@ -1,5 +1,9 @@
 """Side-by-side EM iteration timings: dask-em (cached and streamed) vs scikit-learn vs Spark MLlib.
 
+dask-em also runs cached with ``compute_dtype='float32'`` (float32 products of the float64
+rows, statistics accumulated in float64); a last line gives that row's speed against
+dask-em's float64 row and scikit-learn's.
+
 Every engine runs a fixed number of EM iterations (``tol=0``) on the same data from the
 same starting parameters where it accepts them (dask-em and scikit-learn: weights, means
 and precisions; Spark MLlib's RDD API: an initial model with the full covariances). The
@@ -12,7 +16,9 @@ log-likelihood of the final parameters on the data (computed by one function for
     python benchmarks/peers.py --small              # seconds; exercised by the tests
 
 Spark needs ``pip install -e '.[bench]'`` (pyspark) and a Java runtime; without them the
-Spark row says why it was skipped.
+Spark row says why it was skipped. Where the compiled kernel serves the shape (numba
+installed, the ``fast`` extra; full covariances, D <= 16, float64), a second cached row
+runs dask-em's NumPy kernel right after it.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from dask_em import kernels
+from dask_em import kernels, kernels_compiled
 from dask_em.datasets import mixture_rows, true_params
 from dask_em.em import EMResult, run_em
 from dask_em.io import store_array
 from dask_em.params import GMMParams
 from dask_em.reduce import RowData
+from dask_em.stats import SuffStats
 
 SHAPES: dict[str, dict[str, Any]] = {
     "A": {"n": 2_000_000, "d": 8, "k": 5, "cov": "full"},
@@ -107,6 +114,18 @@ def mean_loglik(X: np.ndarray, params: GMMParams) -> float:
     return float(np.mean(kernels.score_samples_block(X, params)))
 
 
+def em_chunk_numpy(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    chunk_index: int,
+    row_start: int,
+    params: GMMParams,
+) -> SuffStats:
+    """`dask_em.kernels.em_chunk` through its NumPy path (never the compiled kernel)."""
+    with kernels.compiled_kernels(False):
+        return kernels.em_chunk(X, sample_weight, chunk_index, row_start, params)
+
+
 def run_dask_em(
     X: np.ndarray,
     start: GMMParams,
@@ -115,8 +134,11 @@ def run_dask_em(
     cached: bool,
     workers: int,
     name: str,
+    em_chunk: Any = kernels.em_chunk,
 ) -> Row:
-    """dask-em on a local cluster of worker processes, data persisted or streamed from Zarr."""
+    """dask-em on a local cluster of worker processes, data persisted or streamed from Zarr;
+    ``em_chunk`` is the chunk E-step (the default, `kernels.e_step("float32")` or
+    `em_chunk_numpy`)."""
     import dask.array as da
     from distributed import Client
 
@@ -129,7 +151,7 @@ def run_dask_em(
         data = RowData(da.from_zarr(store)).persisted(cached)
         seconds: list[float] = []
         result = run_em(
-            lambda p: data.map_reduce(kernels.em_chunk, p),
+            lambda p: data.map_reduce(em_chunk, p),
             EMResult(start),
             tol=0.0,
             max_iter=iters,
@@ -271,13 +293,25 @@ def main(argv: list[str] | None = None) -> int:
         blocks.to_zarr(zstd_store)
         raw_store = os.path.join(tmp, "raw.zarr")
         blocks.to_zarr(raw_store, compressors=None)
-        for path, cached, engine in [
-            (store, True, "dask-em (cached)"),
-            (store, False, "dask-em (streamed from Zarr)"),
-            (raw_store, False, "dask-em (streamed, raw store)"),
-            (zstd_store, False, "dask-em (streamed, zstd store)"),
-        ]:
-            rows.append(run_dask_em(X, start, args.iters, path, cached, args.workers, engine))
+        compiled = (
+            kernels_compiled.available
+            and shape["cov"] == "full"
+            and shape["d"] <= kernels_compiled.MAX_FEATURES
+        )
+        runs = [
+            (store, True, "dask-em (cached)", kernels.em_chunk),
+            (store, True, "dask-em (cached, NumPy kernel)", em_chunk_numpy),
+            (store, True, "dask-em float32 compute (cached)", kernels.e_step("float32")),
+            (store, False, "dask-em (streamed from Zarr)", kernels.em_chunk),
+            (raw_store, False, "dask-em (streamed, raw store)", kernels.em_chunk),
+            (zstd_store, False, "dask-em (streamed, zstd store)", kernels.em_chunk),
+        ]
+        for path, cached, engine, em_chunk in runs:
+            if em_chunk is em_chunk_numpy and not compiled:
+                continue
+            rows.append(
+                run_dask_em(X, start, args.iters, path, cached, args.workers, engine, em_chunk)
+            )
     if "sklearn" in peers:
         rows.append(run_sklearn(X, start, args.iters))
     if "spark" in peers:
@@ -303,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.engine:34s} {r.median:9.4f} {r.median / ref:10.2f}x {rate:8.2f} {100 * rate / gflops_peak:8.1f}% {ll:>20s} {rel:16.2e}  {r.note}"
         )
+    f32 = next(r for r in rows if r.engine.startswith("dask-em float32"))
+    sk_row = next((r for r in rows if r.engine == "scikit-learn"), None)
+    versus_sk = f", {sk_row.median / f32.median:.2f}x scikit-learn" if sk_row else ""
+    print(f"float32 compute: {ref / f32.median:.2f}x dask-em float64 (cached){versus_sk}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

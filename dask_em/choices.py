@@ -18,6 +18,10 @@ INIT_PARAMS: tuple[str, ...] = ("kmeans", "k-means++", "random", "random_from_da
 CRITERIA: tuple[str, ...] = ("bic", "aic")
 """The information criteria `dask_em.select.select` can minimize."""
 
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float64")
+"""The dtypes the per-chunk products of EM and inference may run in (``compute_dtype``;
+`dask_em.kernels`)."""
+
 CLUSTERS: tuple[str, ...] = ("auto", "local", "threads", "slurm")
 """Where the work runs (`dask_em.cluster.choose_cluster`)."""
 

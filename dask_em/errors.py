@@ -50,6 +50,7 @@ PYTHON_WORDS: dict[str, str] = {
     "cert": "cert",
     "checkpoint_dir": "checkpoint_dir",
     "chunk_rows": "chunk_rows",
+    "compute_dtype": "compute_dtype",
     "cores": "cores",
     "init_model": "init_model",
     "job_extra_directives": "job_extra_directives",

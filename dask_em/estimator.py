@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from dask_em import __version__, kernels, kernels_missing
 from dask_em.checkpoint import Checkpoint, content_hash, data_fingerprint
+from dask_em.choices import COMPUTE_DTYPES
 from dask_em.em import ACCELERATIONS, EMResult, FitState, Iteration, fit_restarts
 from dask_em.errors import (
     CheckpointWarning,
@@ -160,6 +161,25 @@ def _block_as(
     return np.asarray(block_fn(X, params, *where), dtype=dtype)
 
 
+def check_compute_dtype(compute_dtype: Any) -> np.dtype | None:
+    """``compute_dtype`` as a NumPy dtype (None stays None), or ParameterError.
+
+    Accepts the names of `dask_em.choices.COMPUTE_DTYPES` and anything ``numpy.dtype``
+    reads as one of them (``numpy.float32``, ``'f4'``).
+    """
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = np.dtype(compute_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in COMPUTE_DTYPES:
+        raise invalid_parameter(
+            "compute_dtype", compute_dtype, f"use None, {' or '.join(map(repr, COMPUTE_DTYPES))}"
+        )
+    return dtype
+
+
 def _is_out_of_core(X: Any) -> bool:
     return isinstance(X, da.Array | zarr.Array | str | os.PathLike)
 
@@ -247,6 +267,22 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         means. On data without NaN the fit equals ``missing=None``'s exactly. ``None``:
         NaN is refused. A row with every value missing is refused in ``fit`` unless its
         sample weight is 0.
+    compute_dtype : {None, 'float32', 'float64'}, default None
+        Dtype of the per-chunk products of EM and of ``score_samples``, ``predict*``,
+        ``score``, ``bic`` and ``aic``; None uses the data's own dtype. ``'float32'`` on
+        float64 data runs those products in float32 (a pass 1.7x faster at 8 features
+        and K=5, 1.5x at 32 features and K=16; README, Performance) while the sufficient
+        statistics and the log-likelihood are still accumulated in float64, and rows
+        are centered in float64 before the cast, so data far from the origin lose
+        nothing more. The fitted parameters then differ from the float64 fit's by
+        rounding: measured on the parity mixtures (all four covariance types, also
+        shifted by 1e6) at most 7.1e-7 normwise (``max|error| / max|value|`` per array,
+        the means relative to the data's spread) and 4.9e-6 elementwise (a small
+        off-diagonal covariance); ``tests/test_compute_dtype.py`` holds them to 10x that.
+        ``'float64'`` on float32 data computes as on the same values in float64. The
+        initialization passes (``init_params``) run in the data's dtype either way.
+        Not available with ``missing='em'``. Part of a checkpoint's fingerprint when
+        set: a fit resumed with another ``compute_dtype`` is refused.
 
     Attributes
     ----------
@@ -311,6 +347,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         storage_options: dict[str, Any] | None = None,
         checkpoint_lock: bool = True,
         missing: str | None = None,
+        compute_dtype: str | None = None,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -335,6 +372,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         self.storage_options = storage_options
         self.checkpoint_lock = checkpoint_lock
         self.missing = missing
+        self.compute_dtype = compute_dtype
 
     # ------------------------------------------------------------------ checks
     def _check_hyper_parameters(self) -> None:
@@ -378,6 +416,17 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         check_chunk_rows(self.chunk_rows)
         if self.missing not in MISSING:
             raise bad("missing", "use None or 'em'")
+        self._compute_dtype()
+
+    def _compute_dtype(self) -> np.dtype | None:
+        """``compute_dtype`` checked (`check_compute_dtype`, and refused with ``missing``)."""
+        dtype = check_compute_dtype(self.compute_dtype)
+        if dtype is not None and self.missing is not None:
+            raise ParameterError(
+                "{compute_dtype} applies to complete rows only: drop it to use {missing}.",
+                parameter="compute_dtype",
+            )
+        return dtype
 
     def _as_dask(self, X: Any, *, reset: bool) -> da.Array:
         """Validate any accepted input and return it as a row-chunked float Dask array.
@@ -624,7 +673,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
             on_iteration=self._on_iteration,
             on_state=save,
             acceleration=self.acceleration,
-            e_step=E_STEPS[self.missing],
+            e_step=self._e_step,
         )
         return best, int(passes_before + data.n_passes)
 
@@ -651,6 +700,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         }
         if self.missing is not None:  # absent for None: checkpoints of earlier versions resume
             hyper["missing"] = self.missing
+        compute_dtype = self._compute_dtype()
+        if compute_dtype is not None:  # absent for None, as for ``missing``
+            hyper["compute_dtype"] = compute_dtype.name
         if start is not None:  # absent for a cold start, as for ``missing``
             p = start.params
             hyper["init_model"] = content_hash(
@@ -719,8 +771,15 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     # -------------------------------------------------------------- inference
     @property
     def _kernels(self) -> Any:
-        """The module of the inference block functions for ``missing``."""
-        return MISSING[self.missing]
+        """The inference block functions for ``missing`` and ``compute_dtype``."""
+        compute_dtype = self._compute_dtype()
+        return MISSING[self.missing] if self.missing else kernels.inference(compute_dtype)
+
+    @property
+    def _e_step(self) -> Any:
+        """The E-step chunk function for ``missing`` and ``compute_dtype``."""
+        compute_dtype = self._compute_dtype()
+        return E_STEPS[self.missing] if self.missing else kernels.e_step(compute_dtype)
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -852,6 +911,9 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         }
         if not isinstance(self.random_state, int | type(None)):
             hyper["random_state"] = None
+        compute_dtype = self._compute_dtype()
+        if compute_dtype is not None:  # numpy.float32 is saved by its name
+            hyper["compute_dtype"] = compute_dtype.name
         write_model(
             path,
             params,

@@ -2,10 +2,13 @@
 
 Every function here works on one block of rows ``X`` of shape (n, D) held in memory
 and returns small values (statistics of shape (K, ...) or per-row vectors of the
-chunk). Products are computed in the dtype of ``X`` (float32 input stays float32);
-statistics leave the chunk as float64. The responsibilities of a chunk live only inside
-these functions. Nothing here imports Dask: the graph layer (`dask_em.reduce`) maps
-these functions over chunks.
+chunk). Products are computed in the dtype of ``X`` (float32 input stays float32), or
+in the ``compute_dtype`` given to the E-step and inference functions (`e_step`,
+`inference`): the rows are centered in the wider of the two dtypes and only the
+centered values are cast, so float32 products of float64 rows lose nothing to an
+offset; statistics leave the chunk as float64. The responsibilities of a chunk live
+only inside these functions. Nothing here imports Dask: the graph layer
+(`dask_em.reduce`) maps these functions over chunks.
 
 Chunk functions called by the graph layer share one signature::
 
@@ -19,10 +22,13 @@ tie-breaking).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
+from dask_em import kernels_compiled
 from dask_em.errors import DataError
 from dask_em.params import LOG_2PI, GMMParams, log_det_cholesky, second_moment_shape
 from dask_em.stats import SuffStats, WorstFit
@@ -76,10 +82,12 @@ class _Projection:
 
     Rows are centered at ``c0`` (`data_center` of the chunk) before any product, so
     products and moments stay accurate for data far from the origin; ``d = means - c0``.
+    ``c0`` has the dtype the rows are centered in, the wider of theirs and the working
+    dtype (that of ``const``); the centered rows are then cast to the working dtype.
     """
 
     covariance_type: str
-    c0: np.ndarray  # (D,)
+    c0: np.ndarray  # (D,), dtype rows are centered in
     d: np.ndarray  # (K, D), float64
     const: np.ndarray  # (K, 1): -D/2 log 2pi + log det U_k + log weight_k
     A: np.ndarray  # full (K*D, D): stacked U_k^T; tied (D, D): U^T; diag/spherical (K, D): U_k^2
@@ -95,10 +103,15 @@ class _Projection:
         log_weights: np.ndarray,
         center: np.ndarray,
         dtype: np.dtype,
+        compute_dtype: np.dtype | None = None,
     ) -> _Projection:
+        """The constants for rows of ``dtype``, products in ``compute_dtype`` (default
+        ``dtype``); rows are centered in the wider of the two (`_Projection.c0`'s dtype)."""
         n_components, n_features = means.shape
         prec = np.asarray(precisions_cholesky, dtype=np.float64)
-        center = np.asarray(center).astype(dtype).astype(np.float64)  # c0 as rows see it
+        c0 = np.asarray(center).astype(np.result_type(dtype, compute_dtype or dtype))
+        dtype = np.dtype(compute_dtype or dtype)
+        center = c0.astype(np.float64)  # c0 as rows see it
         d = np.asarray(means, dtype=np.float64) - center
         const = (
             -0.5 * n_features * LOG_2PI
@@ -123,7 +136,7 @@ class _Projection:
             lin = np.sum(d * d * p2, axis=1)[:, None].astype(dtype)
         return cls(
             covariance_type,
-            np.asarray(center).astype(dtype),
+            c0,
             d,
             np.broadcast_to(const, (n_components,))[:, None].astype(dtype),
             np.ascontiguousarray(A, dtype=dtype),
@@ -132,8 +145,11 @@ class _Projection:
         )
 
     @classmethod
-    def of(cls, params: GMMParams, X: np.ndarray) -> _Projection:
-        """The projection of mixture parameters (log-weights included) for the rows ``X``."""
+    def of(
+        cls, params: GMMParams, X: np.ndarray, compute_dtype: np.dtype | None = None
+    ) -> _Projection:
+        """The projection of mixture parameters (log-weights included) for the rows ``X``,
+        products in ``compute_dtype`` (default ``X.dtype``)."""
         with np.errstate(divide="ignore"):
             log_weights = np.log(params.weights)
         return cls.build(
@@ -143,6 +159,7 @@ class _Projection:
             log_weights,
             data_center(X),
             X.dtype,
+            compute_dtype,
         )
 
     @property
@@ -163,7 +180,7 @@ class _Projection:
         ``MALLOC_TRIM_THRESHOLD_`` set, under which glibc maps and unmaps every large
         temporary, and fresh pages made the kernel about 4x slower.
         """
-        n_components, dtype = self.const.shape[0], self.c0.dtype
+        n_components, dtype = self.const.shape[0], self.const.dtype
         n_features = self.c0.shape[0]
         y_shape = {
             "full": (n_components * n_features, rows),
@@ -246,7 +263,11 @@ def _moment_workspace(n_features: int, dtype: np.dtype) -> Callable[[int], _Work
 
 
 def _centered(X: np.ndarray, start: int, center: np.ndarray, ws: _Workspace) -> np.ndarray:
-    """Rows ``start:start+ws.rows`` of ``X`` minus ``center``, transposed into ``ws.xt`` (D, m)."""
+    """Rows ``start:start+ws.rows`` of ``X`` minus ``center``, transposed into ``ws.xt`` (D, m).
+
+    The difference is taken in the dtype of ``center`` (and ``X``), then cast to that of
+    ``ws.xt``.
+    """
     np.subtract(X[start : start + ws.rows].T, center[:, None], out=ws.xt)
     return ws.xt
 
@@ -365,24 +386,28 @@ def _log_normalize(log_prob: np.ndarray, rows3: np.ndarray) -> tuple[np.ndarray,
     return norm, resp
 
 
-def log_prob_resp(X: np.ndarray, params: GMMParams) -> tuple[np.ndarray, np.ndarray]:
+def log_prob_resp(
+    X: np.ndarray, params: GMMParams, compute_dtype: np.dtype | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-row log-likelihood and log-responsibilities (log-sum-exp, no underflow).
 
     Parameters
     ----------
     X : ndarray of shape (n, D)
     params : GMMParams
+    compute_dtype : numpy dtype, optional
+        Dtype of the products (`dask_em.choices.COMPUTE_DTYPES`); default ``X.dtype``.
 
     Returns
     -------
     log_prob_norm : ndarray of shape (n,)
-        ``log p(x_i)``.
+        ``log p(x_i)``, in ``compute_dtype``.
     log_resp : ndarray of shape (n, K)
-        ``log p(k | x_i)``.
+        ``log p(k | x_i)``, in ``compute_dtype``.
     """
-    proj = _Projection.of(params, X)
-    norm = np.empty(X.shape[0], dtype=X.dtype)
-    log_resp = np.empty((X.shape[0], params.n_components), dtype=X.dtype)
+    proj = _Projection.of(params, X, compute_dtype)
+    norm = np.empty(X.shape[0], dtype=proj.const.dtype)
+    log_resp = np.empty((X.shape[0], params.n_components), dtype=proj.const.dtype)
     for start, ws in _blocks(X.shape[0], proj.workspace, proj.block_rows):
         lp = proj.log_prob(_centered(X, start, proj.c0, ws), ws)
         block_norm, _ = _log_normalize(lp.copy(), ws.rows3)
@@ -468,6 +493,7 @@ def em_chunk(
     chunk_index: int,
     row_start: int,
     params: GMMParams,
+    compute_dtype: np.dtype | None = None,
 ) -> SuffStats:
     """E-step of one chunk: its statistics under ``params``, shifted by ``params.means``.
 
@@ -475,6 +501,8 @@ def em_chunk(
     moments about ``c0`` are accumulated with matrix products and moved to the shift
     ``c_k = means_k`` at the end (``s1_k = S1_k - n_k d_k``,
     ``s2_k = S2_k - S1_k d_k^T - d_k S1_k^T + n_k d_k d_k^T`` with ``d_k = c_k - c0``).
+    The products run in ``compute_dtype`` (`dask_em.choices.COMPUTE_DTYPES`; default
+    ``X.dtype``) on the centered rows; each block's moments are added up in float64.
 
     Returns
     -------
@@ -492,7 +520,12 @@ def em_chunk(
     n_samples, n_features = X.shape
     n_components = params.n_components
     cov_type = params.covariance_type
-    proj = _Projection.of(params, X)
+    proj = _Projection.of(params, X, compute_dtype)
+    if _compiled_applies(params, proj):
+        # products in float64: float32 rows (compute_dtype="float64") are widened first,
+        # as the NumPy path widens them when it centers
+        X64 = X.astype(np.float64, copy=False)
+        return _em_chunk_compiled(X64, sample_weight, chunk_index, row_start, params, proj)
     moments = (
         np.zeros(n_components),
         np.zeros((n_components, n_features)),
@@ -525,6 +558,78 @@ def em_chunk(
     return SuffStats(moments[0], s1, s2, loglik, weight_sum, n_samples, worst_fit)
 
 
+_use_compiled = kernels_compiled.available
+
+
+@contextmanager
+def compiled_kernels(enabled: bool) -> Iterator[None]:
+    """Run `em_chunk` in this process with (``True``) or without the compiled kernel.
+
+    By default the compiled kernel (`dask_em.kernels_compiled`) serves every chunk it
+    applies to when numba is installed; tests and ``benchmarks/kernel_chunk.py`` switch
+    it to compare both paths.
+    """
+    global _use_compiled
+    before = _use_compiled
+    _use_compiled = enabled and kernels_compiled.available
+    try:
+        yield
+    finally:
+        _use_compiled = before
+
+
+def _compiled_applies(params: GMMParams, proj: _Projection) -> bool:
+    """Whether `kernels_compiled.em_full` takes a chunk: numba installed and enabled,
+    products in float64 (``proj``'s working dtype: float64 rows, or float32 rows with
+    ``compute_dtype="float64"``), at most `kernels_compiled.MAX_FEATURES` features, full
+    covariances with upper triangular precision factors (as
+    `dask_em.params.validate_params` checks)."""
+    return (
+        _use_compiled
+        and params.covariance_type == "full"
+        and proj.const.dtype == np.float64
+        and params.means.shape[1] <= kernels_compiled.MAX_FEATURES
+        and not np.any(np.tril(params.precisions_cholesky, -1))
+    )
+
+
+def _em_chunk_compiled(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    chunk_index: int,
+    row_start: int,
+    params: GMMParams,
+    proj: _Projection,
+) -> SuffStats:
+    """`em_chunk` through `kernels_compiled.em_full` (see `_compiled_applies`): the same
+    statistics, moments about ``proj.c0`` shifted as in the NumPy path."""
+    n_components, n_features = params.means.shape
+    norm, nk, m1, m2 = kernels_compiled.em_full(
+        X,
+        sample_weight,
+        proj.c0,
+        params.precisions_cholesky,
+        proj.b.reshape(n_components, n_features),
+        proj.const[:, 0],
+    )
+    _check_finite(X, norm, chunk_index, row_start)
+    worst_fit = None
+    if sample_weight is None:
+        loglik = norm.sum()
+        weight_sum = float(X.shape[0])
+        at = int(np.argmin(norm)) if norm.size else -1
+    else:
+        loglik = float(norm @ sample_weight.astype(np.float64))
+        weight_sum = sample_weight.sum(dtype=np.float64)
+        positive = sample_weight > 0
+        at = int(np.argmin(np.where(positive, norm, np.inf))) if positive.any() else -1
+    if at >= 0:
+        weight = 1.0 if sample_weight is None else float(sample_weight[at])
+        worst_fit = WorstFit(float(norm[at]), row_start + at, X[at].astype(np.float64), weight)
+    s1, s2 = _shifted((nk, m1, m2), proj.d, "full")
+    return SuffStats(nk, s1, s2, loglik, weight_sum, X.shape[0], worst_fit)
+
+
 def _check_rows_finite(X: np.ndarray, norm: np.ndarray, chunk_index: int, row_start: int) -> None:
     """Raise DataError naming the first row of ``X`` with NaN or inf (if ``norm`` shows one).
 
@@ -543,11 +648,15 @@ def _check_rows_finite(X: np.ndarray, norm: np.ndarray, chunk_index: int, row_st
 
 
 def _checked_log_prob_resp(
-    X: np.ndarray, params: GMMParams, chunk_index: int, row_start: int
+    X: np.ndarray,
+    params: GMMParams,
+    chunk_index: int,
+    row_start: int,
+    compute_dtype: np.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`log_prob_resp` of rows that are all finite (DataError naming the first that is not)."""
     with np.errstate(invalid="ignore", over="ignore"):  # a bad row is reported below
-        norm, log_resp = log_prob_resp(X, params)
+        norm, log_resp = log_prob_resp(X, params, compute_dtype)
     _check_rows_finite(X, norm, chunk_index, row_start)
     return norm, log_resp
 
@@ -592,3 +701,17 @@ COMPLETE_ROWS = BlockInference(_checked_log_prob_resp)
 score_samples_block = COMPLETE_ROWS.score_samples_block
 predict_proba_block = COMPLETE_ROWS.predict_proba_block
 predict_block = COMPLETE_ROWS.predict_block
+
+
+def e_step(compute_dtype: np.dtype | None = None) -> Callable[..., SuffStats]:
+    """`em_chunk` with its products in ``compute_dtype`` (None: `em_chunk` itself)."""
+    if compute_dtype is None:
+        return em_chunk
+    return partial(em_chunk, compute_dtype=np.dtype(compute_dtype))
+
+
+def inference(compute_dtype: np.dtype | None = None) -> BlockInference:
+    """`COMPLETE_ROWS` with its products in ``compute_dtype`` (None: `COMPLETE_ROWS` itself)."""
+    if compute_dtype is None:
+        return COMPLETE_ROWS
+    return BlockInference(partial(_checked_log_prob_resp, compute_dtype=np.dtype(compute_dtype)))

@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 from sklearn.utils import check_random_state
 
-from dask_em import kernels
 from dask_em.checkpoint import Checkpoint, data_fingerprint
 from dask_em.choices import CRITERIA
 from dask_em.em import EMResult, FitState, Iteration, better, fit_restarts
 from dask_em.errors import DataError, ParameterError, invalid_parameter
-from dask_em.estimator import GaussianMixture, information_criteria
+from dask_em.estimator import GaussianMixture, check_compute_dtype, information_criteria
 from dask_em.init import initialize
 from dask_em.params import GMMParams, n_parameters
 from dask_em.passes import Steps
@@ -186,6 +185,7 @@ def select(
     cache: bool | str = "auto",
     split_every: int = DEFAULT_SPLIT_EVERY,
     chunk_rows: int | None = None,
+    compute_dtype: str | None = None,
     verbose: int = 0,
 ) -> SelectionResult:
     """Fit every ``(n_components, covariance_type)`` candidate in shared passes; pick the best.
@@ -203,6 +203,8 @@ def select(
         weighted mean times ``n_samples``).
     tol, reg_covar, max_iter, n_init, init_params, acceleration, cache, split_every, chunk_rows
         As in `GaussianMixture`, for every candidate.
+    compute_dtype : {None, 'float32', 'float64'}, default None
+        As in `GaussianMixture`, for every candidate's passes and the scoring pass.
     random_state : int or None, default 0
         Every candidate draws its initializations' seeds from ``random_state`` as
         ``GaussianMixture(random_state=random_state)`` does, so with an int each candidate
@@ -244,11 +246,13 @@ def select(
         "cache": cache,
         "split_every": split_every,
         "chunk_rows": chunk_rows,
+        "compute_dtype": compute_dtype,
     }
     estimators = [GaussianMixture(k, covariance_type=t, **settings) for t in types for k in ks]
     for gm in estimators:
         gm._check_hyper_parameters()
     shaper = estimators[0]
+    e_step = shaper._e_step
     Xd = shaper._as_dask(X, reset=True)
     n_samples = int(Xd.shape[0])
     if n_samples < max(2, ks[-1]):
@@ -277,6 +281,8 @@ def select(
             "split_every": split_every,
             "acceleration": acceleration,
         }
+        if compute_dtype is not None:  # absent for None: checkpoints of earlier versions resume
+            hyper["compute_dtype"] = check_compute_dtype(compute_dtype).name
         fingerprint = {
             "data": data_fingerprint(data.X, data.sample_weight, data.row_starts),
             "hyper_parameters": hyper,
@@ -325,6 +331,7 @@ def select(
             on_iteration=report,
             on_state=save,
             acceleration=acceleration,
+            e_step=e_step,
         )
         bests: list[EMResult | None] = [None] * len(estimators)
         for key, (index, _) in enumerate(runs):
@@ -332,7 +339,7 @@ def select(
             assert run is not None
             bests[index] = better(bests[index], run)
         chosen = [b for b in bests if b is not None]
-        scores = data.map_reduce_many([(kernels.em_chunk, (b.params,)) for b in chosen])
+        scores = data.map_reduce_many([(e_step, (b.params,)) for b in chosen])
     n_passes = int(passes_before + data.n_passes)
 
     candidates = []

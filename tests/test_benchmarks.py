@@ -42,6 +42,14 @@ def test_peers_times_every_engine_from_the_same_start_and_agrees_with_sklearn() 
     assert "matmul" in out and "GFLOP" in out
     for engine, (_, _, _, rel) in rows.items():  # same start, same iterations: same result
         assert float(rel) <= 1e-7, (engine, out)
+    # float32 products: the mean log-likelihood within tests/test_compute_dtype.py's bound
+    f32 = re.search(
+        r"^dask-em float32 compute \(cached\)\s.*?\s([\d.e+-]+)\s+\d+ worker", out, re.M
+    )
+    assert f32 is not None and float(f32.group(1)) <= 1e-5, out
+    assert re.search(
+        r"^float32 compute: [\d.]+x dask-em float64 \(cached\), [\d.]+x scikit-learn", out, re.M
+    ), out
 
 
 def test_acceleration_counts_passes_of_plain_em_and_squarem() -> None:
@@ -140,3 +148,13 @@ def test_scaling_fits_the_pass_model_and_extrapolates_to_100_nodes() -> None:
     assert re.search(r"^fitted: pass = [\d.]+ ms \+ \d+ us x tasks .*relative residuals", out, re.M)
     assert re.search(r"E-step kernel: \d+ ns per row at D=32, K=16 full, one thread", out), out
     assert re.search(r"^recommended chunk: \d+ MiB \([\d,]+ rows\)", out, re.M), out
+
+
+def test_kernel_chunk_times_both_kernels_and_they_agree() -> None:
+    out = run("kernel_chunk.py")
+    assert re.search(r"^numpy\s+[\d.]+\s+[\d.]+%", out, re.MULTILINE), out
+    if "compiled   skipped" in out:  # numba not installed
+        return
+    assert re.search(r"^compiled\s+[\d.]+\s+[\d.]+%", out, re.MULTILINE), out
+    diff = re.search(r"statistics max rel diff ([\d.e+-]+)", out)
+    assert diff is not None and float(diff.group(1)) <= 1e-12, out

@@ -1,7 +1,7 @@
 """scikit-learn's estimator checks on `dask_em.GaussianMixture` (NumPy input).
 
-Run on the default estimator and on two-component mixtures of every covariance type and
-initializer. The only expected failure is the sample-weight equivalence check for
+Run on the default estimator, on two-component mixtures of every covariance type and
+initializer, and with float32 compute. The only expected failure is the sample-weight equivalence check for
 stochastic initializations, where it cannot apply (see `expected_failed_checks`).
 """
 
@@ -19,6 +19,7 @@ ESTIMATORS = [
         GaussianMixture(2, init_params=i, random_state=0)
         for i in ("k-means++", "random", "random_from_data")
     ),
+    GaussianMixture(2, random_state=0, compute_dtype="float32"),
 ]
 
 # Integer weights vs repeated rows: every initializer draws per row (k-means|| and
