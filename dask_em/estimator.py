@@ -55,12 +55,6 @@ from dask_em.reduce import DEFAULT_SPLIT_EVERY, RowData, check_chunk_memory, map
 from dask_em.reseed import empty_weights
 from dask_em.stats import ZERO_WEIGHT_SUM
 
-MISSING: dict[str | None, Any] = {None: kernels, "em": kernels_missing}
-"""The kernel module of each ``missing``, whose ``*_block`` functions make the inference."""
-
-E_STEPS: dict[str | None, Any] = {None: kernels.em_chunk, "em": kernels_missing.em_chunk_missing}
-"""The E-step chunk function of each ``missing``."""
-
 RUN_SETTINGS = (
     "checkpoint_dir",
     "verbose",
@@ -414,7 +408,7 @@ class GaussianMixture(DensityMixin, BaseEstimator):
         if not is_int(self.verbose_interval) or self.verbose_interval < 1:
             raise bad("verbose_interval", "use an integer >= 1")
         check_chunk_rows(self.chunk_rows)
-        if self.missing not in MISSING:
+        if self.missing not in (None, "em"):
             raise bad("missing", "use None or 'em'")
         self._compute_dtype()
 
@@ -773,13 +767,13 @@ class GaussianMixture(DensityMixin, BaseEstimator):
     def _kernels(self) -> Any:
         """The inference block functions for ``missing`` and ``compute_dtype``."""
         compute_dtype = self._compute_dtype()
-        return MISSING[self.missing] if self.missing else kernels.inference(compute_dtype)
+        return kernels_missing.MISSING_VALUES if self.missing else kernels.inference(compute_dtype)
 
     @property
     def _e_step(self) -> Any:
         """The E-step chunk function for ``missing`` and ``compute_dtype``."""
         compute_dtype = self._compute_dtype()
-        return E_STEPS[self.missing] if self.missing else kernels.e_step(compute_dtype)
+        return kernels_missing.em_chunk_missing if self.missing else kernels.e_step(compute_dtype)
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()

@@ -537,25 +537,47 @@ def em_chunk(
         xt = _centered(X, start, proj.c0, ws)
         norm, resp = _log_normalize(proj.log_prob(xt, ws), ws.rows3)
         _check_finite(X[start : start + ws.rows], norm, chunk_index, row_start + start)
-        if sample_weight is None:
+        w = None if sample_weight is None else sample_weight[start : start + ws.rows]
+        if w is None:
             loglik += norm.sum(dtype=np.float64)
-            i = int(np.argmin(norm))
         else:
-            w = sample_weight[start : start + ws.rows]
             resp *= w.astype(resp.dtype, copy=False)
             loglik += float(norm.astype(np.float64) @ w.astype(np.float64))
-            i = int(np.argmin(np.where(w > 0, norm, np.inf)))
-        if float(norm[i]) < worst[0] and (sample_weight is None or w[i] > 0):
+        i = _worst_row(norm, w)
+        if i >= 0 and float(norm[i]) < worst[0]:
             worst = (float(norm[i]), start + i)
         _accumulate(xt, resp, ws, moments, cov_type)
     s1, s2 = _shifted(moments, proj.d, cov_type)
-    weight_sum = float(n_samples) if sample_weight is None else sample_weight.sum(dtype=np.float64)
+    return _chunk_stats(X, sample_weight, row_start, (moments[0], s1, s2), loglik, worst)
+
+
+def _worst_row(norm: np.ndarray, w: np.ndarray | None) -> int:
+    """Index of the lowest ``log p(x_i)`` in ``norm`` (n,) among rows of positive weight
+    ``w`` (every row when None), the first on ties; -1 if there is none."""
+    if w is None:
+        return int(np.argmin(norm)) if norm.size else -1
+    i = int(np.argmin(np.where(w > 0, norm, np.inf))) if norm.size else -1
+    return i if i >= 0 and w[i] > 0 else -1
+
+
+def _chunk_stats(
+    X: np.ndarray,
+    sample_weight: np.ndarray | None,
+    row_start: int,
+    shifted: tuple[np.ndarray, np.ndarray, np.ndarray],
+    loglik: float,
+    worst: tuple[float, int],
+) -> SuffStats:
+    """The `SuffStats` of chunk ``X`` (n, D) from its shifted moments ``(n_k, s1, s2)``,
+    its log-likelihood and ``worst``, ``(log p, row in the chunk)`` of its worst-fitted
+    row (row -1: none)."""
+    weight_sum = float(X.shape[0]) if sample_weight is None else sample_weight.sum(dtype=np.float64)
     worst_fit = None
     if worst[1] >= 0:
         at = worst[1]
         weight = 1.0 if sample_weight is None else float(sample_weight[at])
         worst_fit = WorstFit(worst[0], row_start + at, X[at].astype(np.float64), weight)
-    return SuffStats(moments[0], s1, s2, loglik, weight_sum, n_samples, worst_fit)
+    return SuffStats(*shifted, loglik, weight_sum, X.shape[0], worst_fit)
 
 
 _use_compiled = kernels_compiled.available
@@ -613,21 +635,14 @@ def _em_chunk_compiled(
         proj.const[:, 0],
     )
     _check_finite(X, norm, chunk_index, row_start)
-    worst_fit = None
     if sample_weight is None:
         loglik = norm.sum()
-        weight_sum = float(X.shape[0])
-        at = int(np.argmin(norm)) if norm.size else -1
     else:
         loglik = float(norm @ sample_weight.astype(np.float64))
-        weight_sum = sample_weight.sum(dtype=np.float64)
-        positive = sample_weight > 0
-        at = int(np.argmin(np.where(positive, norm, np.inf))) if positive.any() else -1
-    if at >= 0:
-        weight = 1.0 if sample_weight is None else float(sample_weight[at])
-        worst_fit = WorstFit(float(norm[at]), row_start + at, X[at].astype(np.float64), weight)
+    at = _worst_row(norm, sample_weight)
+    worst = (float(norm[at]), at) if at >= 0 else (np.inf, -1)
     s1, s2 = _shifted((nk, m1, m2), proj.d, "full")
-    return SuffStats(nk, s1, s2, loglik, weight_sum, X.shape[0], worst_fit)
+    return _chunk_stats(X, sample_weight, row_start, (nk, s1, s2), loglik, worst)
 
 
 def _check_rows_finite(X: np.ndarray, norm: np.ndarray, chunk_index: int, row_start: int) -> None:
