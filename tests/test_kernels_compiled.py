@@ -111,6 +111,45 @@ def test_compiled_em_chunk_reports_rows_too_far_for_the_working_precision():
 
 
 @needs_numba
+def test_vectorized_exp_is_within_one_ulp_of_numpy():
+    rng = np.random.default_rng(8)
+    x = np.concatenate(
+        [
+            np.linspace(-708.0, 0.0, 200_001),
+            -rng.exponential(3.0, 100_000),
+            -rng.uniform(0.0, 1e-6, 1000),
+            [0.0, -0.0, -5e-324, -np.log(2.0), -700.0, np.nextafter(-700.0, 0.0)],
+        ]
+    )
+    got, want = kernels_compiled.exp_nonpositive(x), np.exp(x)
+    ulps = np.abs(got - want) / np.spacing(want)
+    assert ulps.max() <= 1.0
+    assert np.mean(ulps) < 0.2  # mostly correctly rounded, not merely within 1 ulp
+
+
+@needs_numba
+def test_vectorized_exp_at_the_ends_of_its_range():
+    x = np.array([-np.inf, np.nan, -745.0, -744.0, -720.0, -1399.0, -1400.5, -1e300])
+    got, want = kernels_compiled.exp_nonpositive(x), np.exp(x)
+    assert got[0] == 0.0 and np.isnan(got[1])
+    # subnormal results: within one step of the smallest subnormal; underflow to exact 0
+    np.testing.assert_allclose(got[2:], want[2:], rtol=0, atol=np.spacing(0.0))
+    assert np.all(got[5:] == 0.0)
+
+
+@needs_numba
+def test_compiled_kernel_keeps_numpy_semantics_for_an_infinite_density():
+    # +inf log-densities fall outside the vectorized exp's domain: np.exp serves them.
+    X, params = _mixture(200, 3, 2, seed=9)
+    U = params.precisions_cholesky
+    center = X.mean(axis=0)
+    b = np.einsum("kd,kde->ke", params.means - center, U)
+    const = np.array([np.inf, 0.0])
+    norm, *_ = kernels_compiled.em_full(X, None, center, U, b, const)
+    assert np.all(norm == np.inf)
+
+
+@needs_numba
 @pytest.mark.parametrize(
     ("dtype", "covariance_type", "n_features"),
     [(np.float32, "full", 4), (np.float64, "diag", 4), (np.float64, "full", 17)],
