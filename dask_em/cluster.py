@@ -47,7 +47,24 @@ fresh pages, and the page faults cost more than decoding: streaming shape A
 heap, and up to 256 MiB of freed heap kept per process, let the next pass reuse the
 same pages (streaming 1.1x cached); a worker's memory stays bounded by its largest
 working set, as the out-of-core benchmark checks. Workers of a cluster dask-em does not
-start keep their own settings (see the README's Clusters section)."""
+start keep their own settings (see the README's Clusters section). Small workers keep
+less: see `worker_malloc_environ`."""
+
+MALLOC_RETAINED_SHARE = 8
+"""A worker keeps at most 1/8 of its memory limit as freed heap (and takes buffers up to
+that size from the heap). Dask pauses a worker at 80% of its limit, and memory that
+malloc keeps is not released by pausing: with 256 MiB kept, a 512 MiB worker that had
+loaded the compiled kernel (numba, about 120 MiB) paused for good while writing a
+20 GiB store."""
+
+
+def worker_malloc_environ(memory_limit: float | None) -> dict[str, int]:
+    """`WORKER_MALLOC_ENVIRON` for workers of ``memory_limit`` bytes each (None: unknown),
+    each threshold at most ``memory_limit / MALLOC_RETAINED_SHARE``."""
+    if not memory_limit:
+        return dict(WORKER_MALLOC_ENVIRON)
+    cap = int(memory_limit) // MALLOC_RETAINED_SHARE
+    return {name: min(value, cap) for name, value in WORKER_MALLOC_ENVIRON.items()}
 
 
 def local_cluster(
@@ -56,7 +73,7 @@ def local_cluster(
     memory_limit: str | float | None = None,
     **kwargs: Any,
 ) -> Any:
-    """A ``distributed.LocalCluster`` of worker processes with `WORKER_MALLOC_ENVIRON`.
+    """A ``distributed.LocalCluster`` of worker processes with `worker_malloc_environ`.
 
     Parameters
     ----------
@@ -68,10 +85,23 @@ def local_cluster(
         Passed to ``LocalCluster``.
     """
     import dask
+    from dask.utils import parse_bytes
     from distributed import LocalCluster
+    from distributed.system import MEMORY_LIMIT
 
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_MALLOC_ENVIRON}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    if memory_limit is None or memory_limit == "auto":  # as LocalCluster splits the machine
+        limit = MEMORY_LIMIT / max(1, n_workers or os.cpu_count() or 1)
+    else:
+        limit = parse_bytes(memory_limit) if isinstance(memory_limit, str) else memory_limit
+    malloc = {name: str(value) for name, value in worker_malloc_environ(limit).items()}
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ"), **malloc}
+    # A Nanny prefers this process's environment to its configuration, and writes its
+    # settings into that environment when it spawns a worker: any cluster started here
+    # before (Dask's default 64 KiB, or another limit's) would otherwise win.
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
+        _environment(malloc),
+    ):
         return LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
@@ -80,6 +110,21 @@ def local_cluster(
             dashboard_address=kwargs.pop("dashboard_address", ":0"),
             **kwargs,
         )
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` for the duration, then restore what was there."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
