@@ -28,6 +28,7 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # 8-19 s; the contract it touches has default-tier tests
 def test_peers_times_every_engine_from_the_same_start_and_agrees_with_sklearn() -> None:
     out = run("peers.py", "--peers", "sklearn")
     rows = {
@@ -96,6 +97,7 @@ def test_chunking_compares_task_sizes() -> None:
     assert re.search(r"^\s+auto\s", out, re.MULTILINE), out
 
 
+@pytest.mark.slow  # 8-19 s; the contract it touches has default-tier tests
 def test_ingest_compares_routes_on_the_same_rows() -> None:
     out = run("ingest.py")
     routes = re.findall(r"^(\S.*?)\s+[\d.]+\s+[\d,]+\s+\d+ MiB\s+\d+ MiB$", out, re.MULTILINE)
@@ -130,6 +132,7 @@ def test_model_selection_shares_passes_and_matches_separate_fits() -> None:
     assert diff <= 1e-12, out
 
 
+@pytest.mark.slow  # 8-19 s; the contract it touches has default-tier tests
 def test_small_jobs_times_the_command_against_a_sklearn_script() -> None:
     out = run("small_jobs.py")
     assert re.search(r"^dask-em --help [\d.]+ s\s+usage error [\d.]+ s$", out, re.M), out
