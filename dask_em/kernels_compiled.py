@@ -94,8 +94,8 @@ def _exp_nonpositive(  # pragma: no cover - compiled
     degree 13 (truncation below 1e-17 relative); ``2**n`` built from its bits. Inputs
     below -700 are shifted by 700 and the result scaled by ``exp(-700)``, so subnormal
     results round as ``np.exp``'s do (within one subnormal step); below -1400 the
-    result is 0. Within 1 unit in the last place of ``np.exp`` elsewhere (measured
-    over [-800, 0] in the tests); ``exp(-inf) = 0`` and NaN stays NaN. Positive
+    result is 0. Within 1 unit in the last place of ``np.exp`` elsewhere (tested
+    over [-708, 0]); ``exp(-inf) = 0`` and NaN stays NaN. Positive
     inputs are outside the domain (the caller uses ``np.exp`` for them).
 
     ``kbits`` (float64) and ``scale_bits`` (int64), each of ``x``'s length, are scratch.
