@@ -155,13 +155,16 @@ def requeued_and_restarted(slurm: Slurm, job_id: str, checkpoint: Path) -> int:
     (``AuthInfo=cred_expire=10`` here; SLURM's default is 120 s): a job started earlier is
     killed at once ("Job credential revoked"). Once that time (its ``EligibleTime``) has
     passed, ``scontrol update jobid=J StartTime=now`` starts it without waiting for the
-    next periodic scheduling pass (up to a minute).
+    next periodic scheduling pass (up to a minute); if that pass came first, the job is
+    already running and the update is refused ("no longer pending"), which is as good.
     """
     wait_for(lambda: job_state(slurm, job_id) == "PENDING", 120, f"job {job_id} requeued")
     committed = current_iteration(peek_checkpoint(checkpoint))
     eligible = datetime.fromisoformat(slurm.job(job_id)["EligibleTime"]) + timedelta(seconds=1)
     wait_for(lambda: datetime.now() >= eligible, 300, f"job {job_id}'s credentials to expire")
-    slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+    update = slurm.run("scontrol", "update", f"jobid={job_id}", "StartTime=now", check=False)
+    if update.returncode != 0 and "no longer pending" not in update.stderr:
+        raise AssertionError(f"scontrol update of job {job_id} failed: {update.stderr}")
     wait_for(lambda: job_state(slurm, job_id) == "RUNNING", 120, f"job {job_id} restarted")
     return committed
 
